@@ -1,0 +1,5 @@
+import sys
+
+from distprop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,21 @@
+"""`distprop bench NAME`: each benchmark is a module with `configure(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "loader": ("distprop.bench.loader", "Arrow loader throughput vs pyarrow.parquet.read_table"),
+}
+
+
+def configure(parser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module, help_line) in BENCHMARKS.items():
+        bench = sub.add_parser(name, help=help_line, description=help_line)
+        bench.set_defaults(_bench_module=module)
+        importlib.import_module(module).configure(bench)
+
+
+def run(args) -> int:
+    return importlib.import_module(args._bench_module).run(args)

@@ -1,0 +1,39 @@
+"""The `distprop` command: one subcommand per module, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from distprop.errors import UserError
+
+# name -> (module providing `configure(parser)` and `run(args) -> int`, help line)
+COMMANDS = {
+    "data": ("distprop.data.cli", "write datasets in distprop's Parquet format (converters, synthetic data)"),
+    "bench": ("distprop.bench.cli", "benchmarks that print ratios against a reference"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distprop", description="Data-parallel training over MPI.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_line) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_line, description=help_line)
+        command.set_defaults(_module=module)
+        importlib.import_module(module).configure(command)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as error:
+        print(f"distprop {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The fused affine map of a fully connected layer."""
+
+from __future__ import annotations
+
+from distprop.autograd import Function, Tensor
+
+
+class Linear(Function):
+    """y = x @ weight.T + bias, weight of shape (out, in) as in PyTorch.
+
+    One GEMM forward; backward computes only the gradients that are needed (the
+    first layer's input needs none) with one GEMM each, and the bias gradient as a
+    column sum. Inputs with more than two dimensions are treated as a batch of rows.
+    """
+
+    def forward(self, x, weight, bias=None):
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        self.x = x if need_w else None
+        self.weight = weight if need_x else None
+        y = x @ weight.T
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, gy):
+        needs = self.needs_input_grad
+        gx = gw = gb = None
+        if needs[0]:
+            gx = gy @ self.weight
+        if needs[1] or (len(needs) > 2 and needs[2]):
+            gy2 = gy.reshape(-1, gy.shape[-1])
+            if needs[1]:
+                gw = gy2.T @ self.x.reshape(-1, self.x.shape[-1])
+            if len(needs) > 2 and needs[2]:
+                gb = gy2.sum(axis=0)
+        return (gx, gw, gb) if len(needs) > 2 else (gx, gw)
+
+
+def linear(x, weight, bias=None) -> Tensor:
+    if bias is None:
+        return Linear()(x, weight)
+    return Linear()(x, weight, bias)

@@ -1,0 +1,123 @@
+"""Loss functions (PyTorch's argument names and reductions)."""
+
+from __future__ import annotations
+
+from distprop.autograd import Function, Tensor
+from distprop.backend import get_array_module
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+class CrossEntropy(Function):
+    """Softmax and negative log-likelihood fused: one pass forward, and the
+    gradient is (softmax - smoothed one-hot) / count with no intermediate graph.
+
+    logits: (N, C) or (N, C, d1, ...); targets: class indices (N,) or (N, d1, ...).
+    Targets equal to `ignore_index` contribute nothing and are not counted in the mean.
+    """
+
+    def __init__(self, targets, label_smoothing, ignore_index, reduction):
+        self.targets, self.smoothing = targets, label_smoothing
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, logits):
+        xp = get_array_module(logits)
+        if logits.ndim > 2:  # classes on axis 1 -> rows of (N * d1 * ..., C)
+            self.spatial_shape = (logits.shape[0],) + logits.shape[2:]
+            logits = xp.moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
+        else:
+            self.spatial_shape = None
+        targets = self.targets.reshape(-1)
+        n, c = logits.shape
+        if targets.shape[0] != n:
+            raise ValueError(f"cross_entropy: {n} rows of logits but {targets.shape[0]} targets")
+        valid = targets != self.ignore_index
+        safe_targets = xp.where(valid, targets, 0)
+        if bool(((safe_targets < 0) | (safe_targets >= c)).any()):
+            raise IndexError(f"cross_entropy: target class out of range [0, {c})")
+
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = xp.exp(shifted)
+        sum_exp = exp.sum(axis=1, keepdims=True)
+        log_z = xp.log(sum_exp)
+        rows = xp.arange(n)
+        losses = log_z[:, 0] - shifted[rows, safe_targets]
+        if self.smoothing:
+            # -mean_c log p_c = log Z - mean_c shifted_c
+            uniform = log_z[:, 0] - shifted.mean(axis=1)
+            losses = (1 - self.smoothing) * losses + self.smoothing * uniform
+        losses = xp.where(valid, losses, 0).astype(logits.dtype, copy=False)
+
+        if self.needs_input_grad[0]:
+            exp /= sum_exp  # softmax, computed in place over the exp buffer
+            self.softmax, self.rows, self.safe_targets, self.valid = exp, rows, safe_targets, valid
+        # The count stays an array: no device-to-host sync on the GPU. An all-ignored
+        # batch gives nan, as in PyTorch.
+        self.count = valid.sum().astype(logits.dtype)
+        if self.reduction == "mean":
+            return losses.sum() / self.count
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses.reshape(self.spatial_shape) if self.spatial_shape else losses
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        g = self.softmax  # ours alone: turned into the gradient in place
+        n, c = g.shape
+        if self.smoothing:
+            g -= self.smoothing / c
+        g[self.rows, self.safe_targets] -= 1 - self.smoothing
+        if self.reduction == "none":
+            scale = gy.reshape(-1, 1) * self.valid[:, None]
+        elif self.reduction == "mean":
+            scale = (gy / self.count) * self.valid[:, None]
+        else:
+            scale = gy * self.valid[:, None]
+        g *= scale.astype(g.dtype, copy=False)
+        if self.spatial_shape is not None:
+            g = xp.moveaxis(g.reshape(self.spatial_shape + (c,)), -1, 1)
+            g = xp.ascontiguousarray(g)
+        return (g,)
+
+
+def cross_entropy(logits, targets, label_smoothing: float = 0.0, ignore_index: int = -100,
+                  reduction: str = "mean") -> Tensor:
+    """Cross-entropy between `logits` (N, C, ...) and class indices `targets` (N, ...)."""
+    _check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    xp = get_array_module(logits)
+    targets = xp.asarray(targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy expects integer class indices, got dtype {targets.dtype}")
+    return CrossEntropy(targets, label_smoothing, ignore_index, reduction)(logits)
+
+
+class MSELoss(Function):
+    def __init__(self, reduction):
+        self.reduction = reduction
+
+    def forward(self, x, target):
+        self.diff = x - target
+        squared = self.diff * self.diff
+        if self.reduction == "mean":
+            return squared.mean()
+        if self.reduction == "sum":
+            return squared.sum()
+        return squared
+
+    def backward(self, gy):
+        scale = 2 / self.diff.size if self.reduction == "mean" else 2
+        g = self.diff * (gy * scale)
+        return g, (-g if self.needs_input_grad[1] else None)
+
+
+def mse_loss(input, target, reduction: str = "mean") -> Tensor:  # noqa: A002 - PyTorch's name
+    _check_reduction(reduction)
+    return MSELoss(reduction)(input, target)
