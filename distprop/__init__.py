@@ -1,6 +1,8 @@
 """distprop: data-parallel neural-network training over MPI, on numpy and cupy arrays."""
 
 from distprop.autograd import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
-from distprop import functional
+from distprop.random import manual_seed
+from distprop import functional, nn, optim
+from distprop.parallel import DataParallel, init
 
 __version__ = "0.1.0"

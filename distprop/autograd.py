@@ -325,6 +325,20 @@ class Function:
         return f"<{type(self).__name__}>"
 
 
+_backward_pass = threading.local()
+
+
+def queue_callback(callback: Callable[[], None]) -> None:
+    """Run `callback()` once the backward walk in progress has finished, before
+    `backward()` returns. Only callable from inside a backward pass (an op's
+    backward or a hook): the data-parallel reducer uses it to wait for its
+    allreduces and to reduce the gradients no op produced."""
+    callbacks = getattr(_backward_pass, "callbacks", None)
+    if callbacks is None:
+        raise RuntimeError("queue_callback() called outside of a backward pass")
+    callbacks.append(callback)
+
+
 def _is_fresh(array) -> bool:
     """True for an array that owns its memory and can take in-place updates."""
     return array.base is None and getattr(array.flags, "writeable", True)
@@ -356,14 +370,21 @@ def backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
         if grad.shape != root.shape:
             raise ValueError(f"gradient of shape {grad.shape} for a tensor of shape {root.shape}")
 
-    if root.creator is None:
-        _accumulate_leaf(root, grad, owned=False)
-        _fire_hooks(root)
-        return
-    if getattr(root.creator, "released", False):
-        raise RuntimeError("backward() through a graph that was already freed; "
-                           "pass retain_graph=True to the first backward() to walk it twice")
+    outer_callbacks = getattr(_backward_pass, "callbacks", None)
+    _backward_pass.callbacks = callbacks = []
+    try:
+        if root.creator is None:
+            _accumulate_leaf(root, grad, owned=False)
+            _fire_hooks(root)
+        else:
+            _walk(root, grad, retain_graph)
+        while callbacks:  # a callback may queue another
+            callbacks.pop(0)()
+    finally:
+        _backward_pass.callbacks = outer_callbacks
 
+
+def _walk(root: Tensor, grad, retain_graph: bool) -> None:
     # Pass 1: count the edges into each op and each leaf (keys are id() of objects
     # that stay alive for the whole walk; nothing here is iterated or crosses ranks).
     pending: dict[int, int] = {}

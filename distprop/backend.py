@@ -29,6 +29,17 @@ def _cupy():
     return cupy
 
 
+def nccl_module():
+    """cupy's NCCL bindings, or None where there is no GPU or cupy was built without NCCL."""
+    if _cupy() is None:
+        return None
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return None
+    return nccl if getattr(nccl, "available", True) else None
+
+
 def gpu_available() -> bool:
     return _cupy() is not None
 

@@ -1,0 +1,341 @@
+"""The gradient reducer: buckets, overlap with backward, and the average over ranks.
+
+Parameters are grouped into buckets in reverse registration order (roughly the
+order in which backward finishes their gradients), with the same assignment on
+every rank. A post-accumulate hook on each parameter marks its gradient ready; as
+soon as every gradient of a bucket is ready -- and every earlier bucket has been
+started, so that all ranks start buckets in the same order -- the bucket's
+allreduce starts on a transport and runs while backward continues. When the
+backward walk ends, gradients that no op produced are reduced as zeros, every
+bucket is waited for, and each `.grad` holds the mean over ranks.
+
+Small gradients are packed into one contiguous buffer per bucket (their `.grad`
+then stays a view into it, so later passes accumulate in place and need no copy);
+a gradient of at least `inplace_bytes` is a bucket of its own, reduced in place on
+its `.grad` -- packing it would cost a copy and save next to nothing in latency.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+
+from distprop import autograd, backend
+from distprop.backend import get_array_module
+
+
+class Bucket:
+    def __init__(self, index: int, params: list, names: list[str], compression):
+        self.index, self.params, self.names = index, params, names
+        self.compression = compression
+        xp = get_array_module(params[0].data)
+        self.xp = xp
+        self.dtype = params[0].data.dtype
+        self.size = sum(p.data.size for p in params)
+        self.in_place = len(params) == 1
+        if self.in_place:
+            self.buffer, self.views = None, None
+        else:
+            self.buffer = xp.zeros(self.size, self.dtype)
+            self.views, offset = [], 0
+            for p in params:
+                self.views.append(self.buffer[offset:offset + p.data.size].reshape(p.data.shape))
+                offset += p.data.size
+        wire_dtype = compression.wire_dtype
+        self.wire = xp.empty(self.size, wire_dtype) if wire_dtype is not None else None
+        self.ready = [False] * len(params)
+
+    @property
+    def complete(self) -> bool:
+        return all(self.ready)
+
+    def stage(self, slot: int) -> None:
+        """Make params[slot].grad part of this bucket's buffer (its gradient is final)."""
+        p = self.params[slot]
+        xp = self.xp
+        if self.in_place:
+            if p.grad is None:  # no gradient this step: contribute zeros
+                p.grad = xp.zeros_like(p.data)
+            elif not p.grad.flags.c_contiguous:
+                p.grad = xp.ascontiguousarray(p.grad)
+        else:
+            view = self.views[slot]
+            if p.grad is None:
+                view[...] = 0
+            elif p.grad is not view:
+                view[...] = p.grad
+            p.grad = view
+        self.ready[slot] = True
+
+    def flat_gradient(self):
+        return self.params[0].grad.reshape(-1) if self.in_place else self.buffer
+
+    def reduce(self, comm) -> None:
+        """Allreduce this bucket (blocking) and leave the mean in the gradients."""
+        gradient = self.flat_gradient()
+        wire = self.wire if self.wire is not None else gradient
+        self.compression.compress(gradient, wire, comm.size)
+        comm.allreduce_(wire, self.compression.reduce_op)
+        self.compression.decompress(wire, gradient, comm.size)
+
+    def reset(self) -> None:
+        self.ready = [False] * len(self.params)
+
+    def describe(self) -> str:
+        return f"bucket {self.index} ({len(self.params)} gradients, {self.size * self.dtype.itemsize} bytes)"
+
+
+def assign_buckets(named_params, cap_bytes: int, first_cap_bytes: int, inplace_bytes: int):
+    """Group (name, param) pairs, given in reverse registration order, into lists
+    for buckets: consecutive params of one dtype and device up to the cap (the first
+    bucket smaller, so communication starts early); large ones alone."""
+    groups, current, current_bytes, cap = [], [], 0, first_cap_bytes
+
+    def close():
+        nonlocal current, current_bytes, cap
+        if current:
+            groups.append(current)
+            current, current_bytes, cap = [], 0, cap_bytes
+
+    for name, p in named_params:
+        nbytes = p.data.nbytes
+        if nbytes >= inplace_bytes:
+            close()
+            groups.append([(name, p)])
+            cap = cap_bytes
+            continue
+        if current:
+            first = current[0][1].data
+            if (current_bytes + nbytes > cap or first.dtype != p.data.dtype
+                    or backend.device_of(first) != backend.device_of(p.data)):
+                close()
+        current.append((name, p))
+        current_bytes += nbytes
+    close()
+    return groups
+
+
+class Work:
+    """A bucket reduction in flight; `wait()` returns when its gradients hold the mean."""
+
+    def __init__(self, bucket):
+        self.bucket = bucket
+        self._done = threading.Event()
+        self.error = None
+
+    def finish(self, error=None):
+        self.error = error
+        self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"allreduce of {self.bucket.describe()} failed: {self.error}") from self.error
+
+
+class ThreadTransport:
+    """Runs bucket reductions, in submission order, on a background thread that
+    issues blocking MPI allreduces on a communicator of its own. The training
+    thread keeps computing meanwhile (numpy and mpi4py release the GIL). Chosen
+    over MPI_Iallreduce as the default: on shared memory, Open MPI's blocking
+    allreduce is several times faster than its nonblocking one, which also only
+    progresses while the training thread calls into MPI."""
+
+    name = "thread"
+
+    def __init__(self, comm):
+        self.comm = comm.dup()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._gpu = backend.current_gpu_id() if backend.gpu_available() else None
+        self._thread = threading.Thread(target=self._run, name="distprop-allreduce", daemon=True)
+        self._thread.start()
+
+    def start(self, bucket) -> Work:
+        work = Work(bucket)
+        self._jobs.put(work)
+        return work
+
+    def progress(self) -> None:
+        pass  # the thread progresses on its own
+
+    def _run(self) -> None:
+        if self._gpu is not None:
+            backend.use_gpu(self._gpu)  # the current GPU is per thread
+        while True:
+            work = self._jobs.get()
+            if work is None:
+                return
+            try:
+                work.bucket.reduce(self.comm)
+            except BaseException as error:  # handed to the waiting thread
+                work.finish(error)
+            else:
+                work.finish()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+
+class IallreduceWork(Work):
+    def __init__(self, bucket, request, comm):
+        super().__init__(bucket)
+        self.request, self.comm = request, comm
+
+    def wait(self) -> None:
+        with self.comm._guard(f"allreduce of {self.bucket.describe()}"):
+            self.request.Wait()
+        bucket = self.bucket
+        gradient = bucket.flat_gradient()
+        bucket.compression.decompress(bucket.wire if bucket.wire is not None else gradient, gradient,
+                                      self.comm.size)
+
+
+class IallreduceTransport:
+    """MPI_Iallreduce per bucket, started from the training thread; MPI progresses it
+    whenever the training thread enters MPI (each gradient hook tests the requests)."""
+
+    name = "iallreduce"
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        from distprop.parallel.compression import mpi_bf16_sum_op
+
+        self.MPI = MPI
+        self.comm = comm.dup()
+        self._ops = {"sum": MPI.SUM, "bf16_sum": None}
+        self._bf16_op = mpi_bf16_sum_op
+        self._pending = []
+
+    def start(self, bucket) -> Work:
+        gradient = bucket.flat_gradient()
+        wire = bucket.wire if bucket.wire is not None else gradient
+        bucket.compression.compress(gradient, wire, self.comm.size)
+        op = self._bf16_op() if bucket.compression.reduce_op == "bf16_sum" else self.MPI.SUM
+        request = self.comm.mpi_comm.Iallreduce(self.MPI.IN_PLACE, wire, op=op)
+        self._pending.append(request)
+        return IallreduceWork(bucket, request, self.comm)
+
+    def progress(self) -> None:
+        if self._pending:
+            self.MPI.Request.Testall(self._pending)
+
+    def close(self) -> None:
+        self._pending = []
+
+
+class NcclTransport:
+    """NCCL on its own CUDA stream: reductions queue after the gradients' kernels and
+    the compute stream waits for them before the optimizer runs; no host blocking."""
+
+    name = "nccl"
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.nccl = comm.nccl
+
+    def start(self, bucket) -> Work:
+        work = _StreamWork(bucket, self.nccl)
+        with self.nccl.after_current_work():
+            gradient = bucket.flat_gradient()
+            wire = bucket.wire if bucket.wire is not None else gradient
+            bucket.compression.compress(gradient, wire, self.comm.size)
+            self.nccl.allreduce_on_stream_(wire, bucket.compression.reduce_op)
+            bucket.compression.decompress(wire, gradient, self.comm.size)
+            work.event = self.nccl.record()
+        return work
+
+    def progress(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StreamWork(Work):
+    def __init__(self, bucket, nccl):
+        super().__init__(bucket)
+        self.nccl, self.event = nccl, None
+
+    def wait(self) -> None:
+        self.nccl.make_current_wait(self.event)
+
+
+def make_transport(kind: str, comm, on_gpu: bool):
+    if on_gpu and getattr(comm, "nccl", None) is not None:
+        return NcclTransport(comm)
+    if kind == "thread":
+        return ThreadTransport(comm)
+    if kind == "iallreduce":
+        if on_gpu:
+            raise ValueError("overlap='iallreduce' needs host buffers; GPU gradients without NCCL use 'thread'")
+        return IallreduceTransport(comm)
+    raise ValueError(f"overlap must be 'thread' or 'iallreduce', got {kind!r}")
+
+
+class Reducer:
+    """Averages the gradients of `named_params` over `comm` during backward."""
+
+    def __init__(self, named_params, comm, *, bucket_bytes: int, first_bucket_bytes: int,
+                 inplace_bytes: int, compression, overlap: str = "thread"):
+        self.comm = comm
+        trainable = [(n, p) for n, p in named_params if p.requires_grad]
+        groups = assign_buckets(list(reversed(trainable)), bucket_bytes, first_bucket_bytes, inplace_bytes)
+        self.buckets = [Bucket(i, [p for _, p in g], [n for n, _ in g], compression)
+                        for i, g in enumerate(groups)]
+        on_gpu = bool(trainable) and backend.device_of(trainable[0][1].data) == "gpu"
+        self.transport = make_transport(overlap, comm, on_gpu)
+        self._handles = [p.register_post_accumulate_grad_hook(functools.partial(self._on_ready, b, slot))
+                         for b in self.buckets for slot, p in enumerate(b.params)]
+        self.expecting_sync = False  # set by the forward pass that will be synchronised
+        self._in_pass = False
+        self._next_bucket = 0
+        self._works: list[Work] = []
+        self.steps = 0
+
+    # ---- during backward ------------------------------------------------------
+    def begin_pass(self) -> None:
+        """Called when backward reaches the module's output (or a first hook fires):
+        make sure the pass ends by finishing the reduction."""
+        if self.expecting_sync and not self._in_pass:
+            self._in_pass = True
+            autograd.queue_callback(self._finish_pass)
+
+    def _on_ready(self, bucket: Bucket, slot: int, param) -> None:
+        if not self.expecting_sync:
+            return  # inside no_sync(): gradients accumulate locally
+        self.begin_pass()
+        bucket.stage(slot)
+        self._start_ready_buckets()
+        self.transport.progress()
+
+    def _start_ready_buckets(self) -> None:
+        while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].complete:
+            bucket = self.buckets[self._next_bucket]
+            self._works.append(self.transport.start(bucket))
+            self._next_bucket += 1
+
+    def _finish_pass(self) -> None:
+        try:
+            for bucket in self.buckets:  # gradients no op produced: reduce zeros (or what no_sync left)
+                for slot, ready in enumerate(bucket.ready):
+                    if not ready:
+                        bucket.stage(slot)
+            self._start_ready_buckets()
+            for work in self._works:
+                work.wait()
+        finally:
+            for bucket in self.buckets:
+                bucket.reset()
+            self._works, self._next_bucket = [], 0
+            self._in_pass = self.expecting_sync = False
+            self.steps += 1
+            if self.comm.watchdog is not None:
+                self.comm.watchdog.step = self.steps
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.transport.close()

@@ -1,0 +1,262 @@
+"""Data-parallel correctness under mpiexec (pytest --with-mpi; CI runs 1, 2 and 3 ranks).
+
+Every assertion that depends on one rank's values is agreed by all ranks first
+(`agree`), so a failure on one rank fails the test everywhere instead of leaving
+the others waiting in the next collective.
+"""
+
+import numpy as np
+import pytest
+
+import distprop as dp
+import distprop.functional as F
+from distprop import nn, optim
+from distprop.parallel import (DataParallel, ModelMismatchError, average_metrics, broadcast_state,
+                               clip_grad_norm_, sum_metrics)
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return dp.init(threads=1)
+
+
+def agree(comm, ok: bool, message: str) -> None:
+    """Assert on every rank that `ok` held on every rank."""
+    verdicts = comm.allgather_object((bool(ok), message))
+    failed = [(rank, msg) for rank, (good, msg) in enumerate(verdicts) if not good]
+    assert not failed, "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
+
+
+class ParamBag(nn.Module):
+    """Parameters of given shapes; forward(c) = sum_i sum(p_i * c), so grad = c."""
+
+    def __init__(self, shapes, dtype):
+        super().__init__()
+        for i, shape in enumerate(shapes):
+            setattr(self, f"p{i}", nn.Parameter(np.zeros(shape, dtype)))
+
+    def forward(self, scale, use=None):
+        total = None
+        for i, p in enumerate(self.parameters()):
+            if use is not None and i not in use:
+                continue
+            term = (p * scale).sum()
+            total = term if total is None else total + term
+        return total
+
+
+BUCKET_CASES = {
+    # name: (shapes, bucket_mb, first_bucket_mb, inplace_mb)
+    "one tensor larger than a bucket": ([(5,), (4000,), (7,)], 0.001, 0.001, 100),
+    "many tiny tensors": ([(1,)] * 40 + [(3,)] * 10, 0.0001, 0.00005, 100),
+    "a bucket exactly full": ([(250,), (250,), (100,)], 500 * 8 / 2**20, 100 * 8 / 2**20, 100),
+    "in-place large gradients": ([(3, 5), (300, 300), (10,), (50_000,)], 25, 1, 0.1),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", sorted(BUCKET_CASES))
+def test_gradient_of_rank_averages_to_mean_rank_twice(comm, case, dtype):
+    shapes, bucket_mb, first_mb, inplace_mb = BUCKET_CASES[case]
+    bag = ParamBag(shapes, dtype)
+    model = DataParallel(bag, comm, bucket_mb=bucket_mb, first_bucket_mb=first_mb, inplace_mb=inplace_mb)
+    try:
+        if model.reducer is not None and case == "a bucket exactly full" and dtype == np.float64:
+            groups = [b.names for b in model.reducer.buckets]
+            agree(comm, groups == [["p2"], ["p1", "p0"]], f"bucket assignment {groups}")
+        for _ in range(2):  # twice: catches state left over from the first pass
+            bag.zero_grad()
+            model(float(comm.rank)).backward()
+            expected = (comm.size - 1) / 2
+            ok = all(p.grad.dtype == dtype and np.all(p.grad == expected) for p in bag.parameters())
+            agree(comm, ok, f"gradients {[np.unique(p.grad) for p in bag.parameters()]} != {expected}")
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("compression, tolerance", [("fp16", 1e-3), ("bf16", 1e-2)])
+def test_compressed_allreduce_is_close_to_the_mean(comm, compression, tolerance):
+    bag = ParamBag([(1000,), (300, 300)], np.float32)
+    model = DataParallel(bag, comm, compression=compression)
+    try:
+        scale = 1000.0 * (comm.rank + 1)  # large: a sum of fp16 values would lose more
+        model(scale).backward()
+        expected = 1000.0 * (comm.size + 1) / 2
+        worst = max(float(np.max(np.abs(p.grad - expected))) / expected for p in bag.parameters())
+        agree(comm, worst <= tolerance, f"relative error {worst} with {compression}")
+    finally:
+        model.close()
+
+
+def test_iallreduce_overlap_gives_the_mean(comm):
+    bag = ParamBag([(10,), (300, 300), (7,)], np.float64)
+    model = DataParallel(bag, comm, overlap="iallreduce", inplace_mb=0.1)
+    try:
+        for _ in range(2):
+            bag.zero_grad()
+            model(float(comm.rank)).backward()
+            ok = all(np.all(p.grad == (comm.size - 1) / 2) for p in bag.parameters())
+            agree(comm, ok, "iallreduce gave a wrong mean")
+    finally:
+        model.close()
+
+
+def test_parameters_without_gradient_are_reduced_as_zeros(comm):
+    bag = ParamBag([(4,), (4,), (4,)], np.float64)
+    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5)
+    try:
+        # Only rank 0 uses p1; p2 is used by nobody; p0 by everyone.
+        use = {0, 1} if comm.rank == 0 else {0}
+        model(1.0, use=use).backward()
+        p0, p1, p2 = bag.parameters()
+        ok = (np.all(p0.grad == 1.0) and np.all(p1.grad == 1.0 / comm.size) and np.all(p2.grad == 0.0))
+        agree(comm, ok, f"grads {p0.grad}, {p1.grad}, {p2.grad}")
+    finally:
+        model.close()
+
+
+def test_no_sync_accumulates_locally_then_averages_the_sum(comm):
+    bag = ParamBag([(6,), (2, 3)], np.float64)
+    model = DataParallel(bag, comm)
+    try:
+        with model.no_sync():
+            model(float(comm.rank)).backward()
+            local = [p.grad.copy() for p in bag.parameters()]
+        agree(comm, all(np.all(g == comm.rank) for g in local), "no_sync reduced anyway")
+        model(1.0).backward()  # synchronised: averages (rank + 1)
+        expected = (comm.size - 1) / 2 + 1
+        agree(comm, all(np.all(p.grad == expected) for p in bag.parameters()), "accumulated mean")
+    finally:
+        model.close()
+
+
+def _mlp(seed):
+    dp.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, 4)).to(dtype=np.float64)
+
+
+def _relative_error(a, b) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make_optimizer=None):
+    """Each rank trains on its slice of a global batch; after every step the
+    parameters must equal those of one process trained on the whole batch."""
+    make_optimizer = make_optimizer or (lambda params: optim.SGD(params, lr=0.1, momentum=0.9))
+    replica, reference = make_model(), make_model()
+    model = DataParallel(replica, comm)
+    try:
+        opt, ref_opt = make_optimizer(replica.parameters()), make_optimizer(reference.parameters())
+        rng = np.random.default_rng(7)  # the same global batches on every rank
+        share = global_batch // comm.size
+        mine = slice(comm.rank * share, (comm.rank + 1) * share)
+        worst = 0.0
+        for step in range(steps):
+            x, y = make_batch(rng, global_batch)
+            opt.zero_grad()
+            F.cross_entropy(model(dp.tensor(x[mine])), y[mine]).backward()
+            opt.step()
+            ref_opt.zero_grad()
+            F.cross_entropy(reference(dp.tensor(x)), y).backward()
+            ref_opt.step()
+            for (name, p), q in zip(replica.named_parameters(), reference.parameters()):
+                error = _relative_error(p.data, q.data)
+                worst = max(worst, error)
+                if error > 1e-10:
+                    break
+        agree(comm, worst <= 1e-10, f"largest relative error against one process: {worst:.3g}")
+    finally:
+        model.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mlp_on_rank_slices_equals_one_process_on_global_batch(comm):
+    def batch(rng, n):
+        return rng.standard_normal((n, 10)), rng.integers(0, 4, n)
+
+    _check_equivalence(comm, lambda: _mlp(3), batch, global_batch=12)
+    _check_equivalence(comm, lambda: _mlp(4), batch, global_batch=24,
+                       make_optimizer=lambda params: optim.Adam(params, lr=0.01))
+
+
+def test_replicas_stay_bitwise_identical_for_50_steps(comm):
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    dp.manual_seed(100 + comm.rank)  # different initial weights: rank 0's are broadcast
+    model = DataParallel(net, comm)
+    try:
+        opt = optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        rng = np.random.default_rng(comm.rank)  # different data on every rank
+        for _ in range(50):
+            x = rng.standard_normal((16, 8)).astype(np.float32)
+            y = rng.integers(0, 3, 16)
+            opt.zero_grad()
+            F.cross_entropy(model(dp.tensor(x)), y).backward()
+            opt.step()
+        model.check_replicas()
+    finally:
+        model.close()
+
+
+def test_mismatched_models_raise_on_every_rank(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    width = 5 if comm.rank == 0 else 6
+    net = nn.Sequential(nn.Linear(3, width))
+    with pytest.raises(ModelMismatchError, match="rank 1 has parameter '0.weight' of shape"):
+        DataParallel(net, comm)
+
+
+@pytest.mark.parametrize("micro_shards", [6, 12])
+def test_reproducible_mode_is_bitwise_independent_of_rank_count(comm, micro_shards):
+    """Each rank count computes the same bits; compare with a single-rank
+    computation of the same micro-shards done on every rank."""
+    from distprop.parallel import SingleProcessCommunicator
+
+    rng = np.random.default_rng(11)
+    x, y = rng.standard_normal((24, 10)), rng.integers(0, 4, 24)
+
+    def loss_fn(module, xb, yb):
+        return F.cross_entropy(module(dp.tensor(xb)), yb)
+
+    single_net = _mlp(5)
+    single = DataParallel(single_net, SingleProcessCommunicator(), reproducible=True, micro_shards=micro_shards)
+    single_loss = single.reproducible_backward(loss_fn, x, y)
+
+    net = _mlp(5)
+    model = DataParallel(net, comm, reproducible=True, micro_shards=micro_shards)
+    share = 24 // comm.size
+    mine = slice(comm.rank * share, (comm.rank + 1) * share)
+    loss = model.reproducible_backward(loss_fn, x[mine], y[mine])
+    identical = all(np.array_equal(p.grad, q.grad) for p, q in zip(net.parameters(), single_net.parameters()))
+    agree(comm, identical and loss == single_loss, "reproducible gradients differ from one rank's")
+
+
+def test_metrics_are_averaged_and_summed(comm):
+    averaged = average_metrics({"loss": float(comm.rank), "acc": np.float32(1.0)}, comm)
+    summed = sum_metrics({"correct": comm.rank + 1, "total": 10}, comm)
+    ok = (averaged == {"acc": 1.0, "loss": (comm.size - 1) / 2}
+          and summed == {"correct": comm.size * (comm.size + 1) / 2, "total": 10.0 * comm.size})
+    agree(comm, ok, f"{averaged} {summed}")
+
+
+def test_broadcast_state_gives_everyone_root_state(comm):
+    state = None
+    if comm.rank == 0:
+        state = {"state": {0: {"momentum_buffer": np.arange(6.0).reshape(2, 3)}},
+                 "param_groups": [{"lr": 0.5, "params": [0]}], "step": 3}
+    received = broadcast_state(state, comm)
+    ok = (np.array_equal(received["state"][0]["momentum_buffer"], np.arange(6.0).reshape(2, 3))
+          and received["param_groups"] == [{"lr": 0.5, "params": [0]}] and received["step"] == 3)
+    agree(comm, ok, f"received {received}")
+
+
+def test_global_norm_clip_is_identical_everywhere(comm):
+    p = nn.Parameter(np.zeros(4))
+    p.grad = np.array([3.0, 4.0, 0.0, 0.0])
+    norm = clip_grad_norm_([p], 1.0, comm)
+    everywhere = comm.allgather_object(p.grad.tobytes())
+    agree(comm, abs(norm - 5.0) < 1e-12 and len(set(everywhere)) == 1 and
+          abs(np.linalg.norm(p.grad) - 1.0) < 1e-5, f"norm {norm}, grad {p.grad}")
