@@ -15,19 +15,25 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's module is imported and configured (the
+    others are listed by name and help line), so one command's dependencies never
+    slow down or break another."""
     parser = argparse.ArgumentParser(prog="distprop", description="Data-parallel training over MPI.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_line) in COMMANDS.items():
         command = sub.add_parser(name, help=help_line, description=help_line)
         command.set_defaults(_module=module)
-        importlib.import_module(module).configure(command)
+        if name == chosen:
+            importlib.import_module(module).configure(command)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
+    args._argv = argv  # a command may need to restart itself (see bench)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as error:

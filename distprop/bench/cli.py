@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib
 
+from distprop.bench.timing import reexec_without_blas_overrides
+
 BENCHMARKS = {
+    "step": ("distprop.bench.step", "one training step (MLP, CNN, ResNet) against PyTorch"),
+    "allreduce": ("distprop.bench.allreduce", "allreduce bandwidth against raw mpi4py (run under mpiexec)"),
+    "scaling": ("distprop.bench.scaling", "weak scaling 1 -> N ranks against PyTorch DDP (gloo)"),
     "loader": ("distprop.bench.loader", "Arrow loader throughput vs pyarrow.parquet.read_table"),
 }
 
@@ -18,4 +23,5 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    reexec_without_blas_overrides(args._argv)
     return importlib.import_module(args._bench_module).run(args)
