@@ -3,6 +3,6 @@
 from distprop.autograd import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from distprop.random import manual_seed
 from distprop import functional, nn, optim
-from distprop.parallel import DataParallel, init
+from distprop.parallel import DataParallel, SyncBatchNorm, init
 
 __version__ = "0.1.0"

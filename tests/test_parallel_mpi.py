@@ -261,3 +261,37 @@ def test_global_norm_clip_is_identical_everywhere(comm):
     everywhere = comm.allgather_object(p.grad.tobytes())
     agree(comm, abs(norm - 5.0) < 1e-12 and len(set(everywhere)) == 1 and
           abs(np.linalg.norm(p.grad) - 1.0) < 1e-5, f"norm {norm}, grad {p.grad}")
+
+
+def _cnn(seed):
+    from distprop.parallel import SyncBatchNorm
+
+    dp.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    return SyncBatchNorm.convert_sync_batchnorm(net).to(dtype=np.float64)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_cnn_with_sync_batchnorm_on_rank_slices_equals_one_process(comm):
+    def batch(rng, n):
+        return rng.standard_normal((n, 2, 8, 8)) * 3 + 1, rng.integers(0, 3, n)
+
+    _check_equivalence(comm, lambda: _cnn(9), batch, global_batch=12)
+
+
+def test_sync_batchnorm_running_statistics_are_those_of_the_global_batch(comm):
+    from distprop.parallel import SyncBatchNorm
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6 * comm.size, 5, 3, 3)) * 2 + 0.5
+    ours = SyncBatchNorm(5).to(dtype=np.float64)
+    reference = nn.BatchNorm2d(5).to(dtype=np.float64)
+    share = x.shape[0] // comm.size
+    y = ours(dp.tensor(x[comm.rank * share:(comm.rank + 1) * share]))
+    y_ref = reference(dp.tensor(x))
+    ok = (np.allclose(ours.running_mean, reference.running_mean, rtol=1e-12, atol=1e-14)
+          and np.allclose(ours.running_var, reference.running_var, rtol=1e-12)
+          and np.allclose(y.data, y_ref.data[comm.rank * share:(comm.rank + 1) * share], rtol=1e-10, atol=1e-12))
+    agree(comm, ok, "SyncBatchNorm statistics differ from one process on the whole batch")

@@ -4,3 +4,4 @@ from distprop.parallel.communicator import Communicator, MPICommunicator, Single
 from distprop.parallel.data_parallel import DataParallel, ModelMismatchError
 from distprop.parallel.helpers import average_metrics, broadcast_state, clip_grad_norm_, sum_metrics
 from distprop.parallel.runtime import current, init
+from distprop.parallel.sync_batchnorm import SyncBatchNorm
