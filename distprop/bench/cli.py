@@ -9,6 +9,7 @@ from distprop.bench.timing import reexec_without_blas_overrides
 BENCHMARKS = {
     "step": ("distprop.bench.step", "one training step (MLP, CNN, ResNet) against PyTorch"),
     "allreduce": ("distprop.bench.allreduce", "allreduce bandwidth against raw mpi4py (run under mpiexec)"),
+    "sync": ("distprop.bench.sync", "gradient synchronisation of the MLP against one raw allreduce (mpiexec)"),
     "scaling": ("distprop.bench.scaling", "weak scaling 1 -> N ranks against PyTorch DDP (gloo)"),
     "loader": ("distprop.bench.loader", "Arrow loader throughput vs pyarrow.parquet.read_table"),
 }

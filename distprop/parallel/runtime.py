@@ -82,11 +82,20 @@ def _bind_gpu(comm: Communicator) -> None:
     if count == 0:
         raise RuntimeError(f"rank {comm.rank}: device 'gpu' requested but no GPU is visible")
     backend.use_gpu(comm.local_rank % count)
-    if isinstance(comm, MPICommunicator) and comm.size > 1:
-        from distprop.parallel.nccl import NcclCommunicator, nccl_available
+    if not isinstance(comm, MPICommunicator) or comm.size == 1:
+        return
+    from distprop.parallel.nccl import NcclCommunicator, nccl_available
 
-        if nccl_available():
-            comm.nccl = NcclCommunicator(comm.mpi_comm)
+    # NCCL refuses two ranks on one GPU; then GPU buffers go through host memory.
+    # Every rank of the node sees the same counts, and nodes decide alike only if
+    # they are alike: so the choice is agreed over all ranks.
+    usable = nccl_available() and comm.local_size <= count
+    if comm.allreduce(int(usable), "min"):
+        comm.nccl = NcclCommunicator(comm.mpi_comm)
+    elif comm.rank == 0:
+        print(f"distprop: no NCCL for this job (available: {nccl_available()}, ranks per node "
+              f"{comm.local_size}, GPUs {count}); GPU gradients are reduced through host memory",
+              file=sys.stderr)
 
 
 def cores_for_rank(local_size: int) -> int:
