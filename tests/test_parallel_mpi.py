@@ -11,6 +11,7 @@ import pytest
 import distprop as dp
 import distprop.functional as F
 from distprop import nn, optim
+from distprop.backend import to_device, to_numpy
 from distprop.parallel import (DataParallel, ModelMismatchError, average_metrics, broadcast_state,
                                clip_grad_norm_, sum_metrics)
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
-def comm():
-    return dp.init(threads=1)
+def comm(device):
+    return dp.init(threads=1, device=device)
 
 
 def agree(comm, ok: bool, message: str) -> None:
@@ -58,9 +59,9 @@ BUCKET_CASES = {
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", sorted(BUCKET_CASES))
-def test_gradient_of_rank_averages_to_mean_rank_twice(comm, case, dtype):
+def test_gradient_of_rank_averages_to_mean_rank_twice(comm, device, case, dtype):
     shapes, bucket_mb, first_mb, inplace_mb = BUCKET_CASES[case]
-    bag = ParamBag(shapes, dtype)
+    bag = ParamBag(shapes, dtype).to(device=device)
     model = DataParallel(bag, comm, bucket_mb=bucket_mb, first_bucket_mb=first_mb, inplace_mb=inplace_mb)
     try:
         if model.reducer is not None and case == "a bucket exactly full" and dtype == np.float64:
@@ -70,8 +71,9 @@ def test_gradient_of_rank_averages_to_mean_rank_twice(comm, case, dtype):
             bag.zero_grad()
             model(float(comm.rank)).backward()
             expected = (comm.size - 1) / 2
-            ok = all(p.grad.dtype == dtype and np.all(p.grad == expected) for p in bag.parameters())
-            agree(comm, ok, f"gradients {[np.unique(p.grad) for p in bag.parameters()]} != {expected}")
+            grads = [to_numpy(p.grad) for p in bag.parameters()]
+            ok = all(g.dtype == dtype and np.all(g == expected) for g in grads)
+            agree(comm, ok, f"gradients {[np.unique(g) for g in grads]} != {expected}")
     finally:
         model.close()
 
@@ -143,11 +145,11 @@ def _relative_error(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
-def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make_optimizer=None):
+def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make_optimizer=None, device="cpu"):
     """Each rank trains on its slice of a global batch; after every step the
     parameters must equal those of one process trained on the whole batch."""
     make_optimizer = make_optimizer or (lambda params: optim.SGD(params, lr=0.1, momentum=0.9))
-    replica, reference = make_model(), make_model()
+    replica, reference = make_model().to(device=device), make_model().to(device=device)
     model = DataParallel(replica, comm)
     try:
         opt, ref_opt = make_optimizer(replica.parameters()), make_optimizer(reference.parameters())
@@ -156,7 +158,7 @@ def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make
         mine = slice(comm.rank * share, (comm.rank + 1) * share)
         worst = 0.0
         for step in range(steps):
-            x, y = make_batch(rng, global_batch)
+            x, y = (to_device(a, device) for a in make_batch(rng, global_batch))
             opt.zero_grad()
             F.cross_entropy(model(dp.tensor(x[mine])), y[mine]).backward()
             opt.step()
@@ -164,7 +166,7 @@ def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make
             F.cross_entropy(reference(dp.tensor(x)), y).backward()
             ref_opt.step()
             for (name, p), q in zip(replica.named_parameters(), reference.parameters()):
-                error = _relative_error(p.data, q.data)
+                error = _relative_error(to_numpy(p.data), to_numpy(q.data))
                 worst = max(worst, error)
                 if error > 1e-10:
                     break
@@ -174,13 +176,13 @@ def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make
 
 
 @pytest.mark.mpi(min_size=2)
-def test_mlp_on_rank_slices_equals_one_process_on_global_batch(comm):
+def test_mlp_on_rank_slices_equals_one_process_on_global_batch(comm, device):
     def batch(rng, n):
         return rng.standard_normal((n, 10)), rng.integers(0, 4, n)
 
-    _check_equivalence(comm, lambda: _mlp(3), batch, global_batch=12)
+    _check_equivalence(comm, lambda: _mlp(3), batch, global_batch=12, device=device)
     _check_equivalence(comm, lambda: _mlp(4), batch, global_batch=24,
-                       make_optimizer=lambda params: optim.Adam(params, lr=0.01))
+                       make_optimizer=lambda params: optim.Adam(params, lr=0.01), device=device)
 
 
 def test_replicas_stay_bitwise_identical_for_50_steps(comm):
@@ -274,11 +276,11 @@ def _cnn(seed):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_cnn_with_sync_batchnorm_on_rank_slices_equals_one_process(comm):
+def test_cnn_with_sync_batchnorm_on_rank_slices_equals_one_process(comm, device):
     def batch(rng, n):
         return rng.standard_normal((n, 2, 8, 8)) * 3 + 1, rng.integers(0, 3, n)
 
-    _check_equivalence(comm, lambda: _cnn(9), batch, global_batch=12)
+    _check_equivalence(comm, lambda: _cnn(9), batch, global_batch=12, device=device)
 
 
 def test_sync_batchnorm_running_statistics_are_those_of_the_global_batch(comm):
