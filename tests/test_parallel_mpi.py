@@ -57,14 +57,23 @@ BUCKET_CASES = {
 }
 
 
+def _transport_or_skip(transport, device):
+    if transport in ("shm", "iallreduce") and device == "gpu":
+        pytest.skip(f"transport {transport!r} is for host arrays")
+    return transport
+
+
+@pytest.mark.parametrize("transport", ["shm", "thread", "iallreduce"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", sorted(BUCKET_CASES))
-def test_gradient_of_rank_averages_to_mean_rank_twice(comm, device, case, dtype):
+def test_gradient_of_rank_averages_to_mean_rank_twice(comm, device, case, dtype, transport):
     shapes, bucket_mb, first_mb, inplace_mb = BUCKET_CASES[case]
     bag = ParamBag(shapes, dtype).to(device=device)
-    model = DataParallel(bag, comm, bucket_mb=bucket_mb, first_bucket_mb=first_mb, inplace_mb=inplace_mb)
+    model = DataParallel(bag, comm, bucket_mb=bucket_mb, first_bucket_mb=first_mb, inplace_mb=inplace_mb,
+                         transport=_transport_or_skip(transport, device))
     try:
         if model.reducer is not None and case == "a bucket exactly full" and dtype == np.float64:
+            agree(comm, model.reducer.transport.name == transport, f"transport {model.reducer.transport.name}")
             groups = [b.names for b in model.reducer.buckets]
             agree(comm, groups == [["p2"], ["p1", "p0"]], f"bucket assignment {groups}")
         for _ in range(2):  # twice: catches state left over from the first pass
@@ -81,7 +90,7 @@ def test_gradient_of_rank_averages_to_mean_rank_twice(comm, device, case, dtype)
 @pytest.mark.parametrize("compression, tolerance", [("fp16", 1e-3), ("bf16", 1e-2)])
 def test_compressed_allreduce_is_close_to_the_mean(comm, compression, tolerance):
     bag = ParamBag([(1000,), (300, 300)], np.float32)
-    model = DataParallel(bag, comm, compression=compression)
+    model = DataParallel(bag, comm, compression=compression, transport="thread")
     try:
         scale = 1000.0 * (comm.rank + 1)  # large: a sum of fp16 values would lose more
         model(scale).backward()
@@ -92,22 +101,10 @@ def test_compressed_allreduce_is_close_to_the_mean(comm, compression, tolerance)
         model.close()
 
 
-def test_iallreduce_overlap_gives_the_mean(comm):
-    bag = ParamBag([(10,), (300, 300), (7,)], np.float64)
-    model = DataParallel(bag, comm, overlap="iallreduce", inplace_mb=0.1)
-    try:
-        for _ in range(2):
-            bag.zero_grad()
-            model(float(comm.rank)).backward()
-            ok = all(np.all(p.grad == (comm.size - 1) / 2) for p in bag.parameters())
-            agree(comm, ok, "iallreduce gave a wrong mean")
-    finally:
-        model.close()
-
-
-def test_parameters_without_gradient_are_reduced_as_zeros(comm):
+@pytest.mark.parametrize("transport", ["shm", "thread"])
+def test_parameters_without_gradient_are_reduced_as_zeros(comm, transport):
     bag = ParamBag([(4,), (4,), (4,)], np.float64)
-    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5)
+    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5, transport=transport)
     try:
         # Only rank 0 uses p1; p2 is used by nobody; p0 by everyone.
         use = {0, 1} if comm.rank == 0 else {0}
@@ -120,9 +117,10 @@ def test_parameters_without_gradient_are_reduced_as_zeros(comm):
         model.close()
 
 
-def test_no_sync_accumulates_locally_then_averages_the_sum(comm):
+@pytest.mark.parametrize("transport", ["shm", "thread"])
+def test_no_sync_accumulates_locally_then_averages_the_sum(comm, transport):
     bag = ParamBag([(6,), (2, 3)], np.float64)
-    model = DataParallel(bag, comm)
+    model = DataParallel(bag, comm, transport=transport)
     try:
         with model.no_sync():
             model(float(comm.rank)).backward()

@@ -17,10 +17,10 @@ import numpy as np
 from distprop.bench.timing import environment_note, median
 
 CONFIGURATIONS = {
-    "default": {},
-    "all packed": {"inplace_mb": 1e9},
-    "iallreduce": {"overlap": "iallreduce"},
-    "fp16 wire": {"compression": "fp16"},
+    "default": {},  # shared memory where ranks share a node
+    "thread": {"transport": "thread"},
+    "thread packed": {"transport": "thread", "inplace_mb": 1e9},
+    "iallreduce": {"transport": "iallreduce"},
 }
 
 

@@ -52,8 +52,11 @@ class DataParallel(Module):
         bandwidth the allreduce needs; bucket_mb on the GPU, where copies are cheap and
         fewer, larger NCCL calls win).
     compression: None, 'fp16' or 'bf16' on the wire (each rank divides before casting).
-    overlap: 'thread' (blocking allreduces on a background thread) or 'iallreduce'
-        (MPI nonblocking collectives progressed from the gradient hooks); GPU arrays
+    transport: how host gradients are reduced, each bucket while backward continues:
+        'shm' (through a node's shared memory, and MPI between nodes), 'thread'
+        (blocking MPI allreduces on a background thread) or 'iallreduce' (MPI
+        nonblocking collectives progressed from the gradient hooks); None picks 'shm'
+        where ranks share nodes and /dev/shm has room, else 'thread'. GPU arrays
         with NCCL always use NCCL on its own stream.
     broadcast_buffers: before each training forward, buffers (e.g. batch-norm running
         statistics) are overwritten with rank 0's, so replicas evaluate alike.
@@ -63,7 +66,7 @@ class DataParallel(Module):
     """
 
     def __init__(self, module: Module, comm=None, bucket_mb: float = 25, *, first_bucket_mb: float = 1,
-                 inplace_mb: float | None = None, compression: str | None = None, overlap: str = "thread",
+                 inplace_mb: float | None = None, compression: str | None = None, transport: str | None = None,
                  broadcast_buffers: bool = True, reproducible: bool = False, micro_shards: int | None = None):
         super().__init__()
         self.module = module
@@ -84,7 +87,7 @@ class DataParallel(Module):
             self.reducer = Reducer(params, self.comm, bucket_bytes=int(bucket_mb * MB),
                                    first_bucket_bytes=int(first_bucket_mb * MB),
                                    inplace_bytes=int(inplace_mb * MB),
-                                   compression=get_compression(compression), overlap=overlap)
+                                   compression=get_compression(compression), transport=transport)
 
     def forward(self, *args, **kwargs):
         if self.micro_shard_reducer is not None and autograd.is_grad_enabled():

@@ -13,6 +13,7 @@ Small gradients are packed into one contiguous buffer per bucket (their `.grad`
 then stays a view into it, so later passes accumulate in place and need no copy);
 a gradient of at least `inplace_bytes` is a bucket of its own, reduced in place on
 its `.grad` -- packing it would cost a copy and save next to nothing in latency.
+The shared-memory transport (parallel.shm) provides every bucket's buffer itself.
 """
 
 from __future__ import annotations
@@ -21,23 +22,28 @@ import functools
 import queue
 import threading
 
+import numpy as np
+
 from distprop import autograd, backend
 from distprop.backend import get_array_module
 
 
 class Bucket:
-    def __init__(self, index: int, params: list, names: list[str], compression):
+    def __init__(self, index: int, params: list, names: list[str], compression, buffer=None):
+        """buffer: flat storage the transport provides (e.g. shared memory); by default a
+        lone parameter is reduced in place and several get a buffer of their own."""
         self.index, self.params, self.names = index, params, names
         self.compression = compression
         xp = get_array_module(params[0].data)
         self.xp = xp
         self.dtype = params[0].data.dtype
         self.size = sum(p.data.size for p in params)
-        self.in_place = len(params) == 1
+        self.in_place = buffer is None and len(params) == 1
         if self.in_place:
             self.buffer, self.views = None, None
         else:
-            self.buffer = xp.zeros(self.size, self.dtype)
+            self.buffer = buffer if buffer is not None else xp.zeros(self.size, self.dtype)
+            self.buffer[...] = 0
             self.views, offset = [], 0
             for p in params:
                 self.views.append(self.buffer[offset:offset + p.data.size].reshape(p.data.shape))
@@ -137,10 +143,10 @@ class Work:
 class ThreadTransport:
     """Runs bucket reductions, in submission order, on a background thread that
     issues blocking MPI allreduces on a communicator of its own. The training
-    thread keeps computing meanwhile (numpy and mpi4py release the GIL). Chosen
-    over MPI_Iallreduce as the default: on shared memory, Open MPI's blocking
-    allreduce is several times faster than its nonblocking one, which also only
-    progresses while the training thread calls into MPI."""
+    thread keeps computing meanwhile (numpy and mpi4py release the GIL). Preferred
+    over MPI_Iallreduce: on shared memory, Open MPI's blocking allreduce measured
+    several times faster than its nonblocking one, which also only progresses
+    while the training thread calls into MPI."""
 
     name = "thread"
 
@@ -263,30 +269,62 @@ class _StreamWork(Work):
         self.nccl.make_current_wait(self.event)
 
 
-def make_transport(kind: str, comm, on_gpu: bool):
-    if on_gpu and getattr(comm, "nccl", None) is not None:
-        return NcclTransport(comm)
-    if kind == "thread":
+TRANSPORTS = (None, "shm", "thread", "iallreduce")
+
+
+def make_transport(kind, comm, on_gpu: bool, layouts, compression):
+    """The transport for `kind` (None: the fastest that applies), given the buckets'
+    (element count, dtype) layouts. GPU gradients with NCCL always use NCCL."""
+    if kind not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+    if on_gpu:
+        if getattr(comm, "nccl", None) is not None:
+            return NcclTransport(comm)
+        if kind == "iallreduce" or kind == "shm":
+            raise ValueError(f"transport={kind!r} needs host arrays; GPU gradients use NCCL or 'thread'")
         return ThreadTransport(comm)
+    if kind is None:
+        kind = "shm" if _shm_applies(comm, layouts, compression) else "thread"
+    if kind == "shm":
+        from distprop.parallel.shm import ShmTransport
+
+        if compression.wire_dtype is not None:
+            raise ValueError("compression does not apply to transport='shm' (no wire to narrow)")
+        return ShmTransport(comm, layouts)
     if kind == "iallreduce":
-        if on_gpu:
-            raise ValueError("overlap='iallreduce' needs host buffers; GPU gradients without NCCL use 'thread'")
         return IallreduceTransport(comm)
-    raise ValueError(f"overlap must be 'thread' or 'iallreduce', got {kind!r}")
+    return ThreadTransport(comm)
+
+
+def _shm_applies(comm, layouts, compression) -> bool:
+    """Shared memory pays where ranks share a node, every node has as many ranks
+    (chunks are matched across nodes), and /dev/shm has room -- agreed by all ranks."""
+    from distprop.parallel.shm import ALIGN, shared_memory_usable
+
+    if compression.wire_dtype is not None or comm.local_size == 1 or not hasattr(comm, "mpi_comm"):
+        return False
+    sizes = comm.allreduce(np.array([comm.local_size, -comm.local_size]), "max")
+    if sizes[0] != -sizes[1]:
+        return False
+    nbytes = sum(count * np.dtype(dtype).itemsize + ALIGN for count, dtype in layouts)
+    return shared_memory_usable(comm, nbytes)
 
 
 class Reducer:
     """Averages the gradients of `named_params` over `comm` during backward."""
 
     def __init__(self, named_params, comm, *, bucket_bytes: int, first_bucket_bytes: int,
-                 inplace_bytes: int, compression, overlap: str = "thread"):
+                 inplace_bytes: int, compression, transport: str | None = None):
         self.comm = comm
         trainable = [(n, p) for n, p in named_params if p.requires_grad]
         groups = assign_buckets(list(reversed(trainable)), bucket_bytes, first_bucket_bytes, inplace_bytes)
-        self.buckets = [Bucket(i, [p for _, p in g], [n for n, _ in g], compression)
-                        for i, g in enumerate(groups)]
         on_gpu = bool(trainable) and backend.device_of(trainable[0][1].data) == "gpu"
-        self.transport = make_transport(overlap, comm, on_gpu)
+        layouts = [(sum(p.data.size for _, p in g), g[0][1].data.dtype) for g in groups]
+        self.transport = make_transport(transport, comm, on_gpu, layouts, compression)
+        buffers = (self.transport.bucket_buffers() if hasattr(self.transport, "bucket_buffers")
+                   else [None] * len(groups))
+        self.buckets = [Bucket(i, [p for _, p in g], [n for n, _ in g], compression, buffer)
+                        for i, (g, buffer) in enumerate(zip(groups, buffers))]
         self._handles = [p.register_post_accumulate_grad_hook(functools.partial(self._on_ready, b, slot))
                          for b in self.buckets for slot, p in enumerate(b.params)]
         self.expecting_sync = False  # set by the forward pass that will be synchronised
