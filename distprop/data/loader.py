@@ -1,0 +1,310 @@
+"""`ArrowLoader`: one rank's shuffled, prefetched, resumable mini-batches from Arrow/Parquet.
+
+Pipeline for one epoch on one rank::
+
+    sampler (which rows, in what order)  ->  schedule (which blocks, when)
+      -> reader threads decode blocks (row groups) with bounded read-ahead
+      -> background thread gathers each batch's rows with one copy per column,
+         applies the transform, copies to the GPU (device="gpu")
+      -> bounded queue of `prefetch` batches  ->  the training loop
+
+Memory stays bounded by about ``2 * shuffle_window`` decoded blocks (row groups)
+plus the batches in the queue, whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+
+from distprop.backend import cupy_module, normalize_device
+from distprop.data.index import ColumnsArg, DatasetIndex
+from distprop.data.pipeline import BatchProducer
+from distprop.data.prefetch import Inline, Prefetcher
+from distprop.data.sampler import EpochOrder, RankPlan, Stage, batch_count, plan_rank, rank_share
+from distprop.errors import ConfigError, DataError
+
+STATE_VERSION = 1
+
+
+class ArrowLoader:
+    """Mini-batches of a Parquet/Arrow dataset for rank `rank` of `world_size`.
+
+    Iterating yields ``{column: array}`` dicts, numpy arrays on the host or cupy
+    arrays with ``device="gpu"``. Tensor columns come back as ``(batch, *shape)``
+    arrays in their stored dtype, scalar columns as ``(batch,)`` arrays.
+
+    Order and sharding (see `distprop.data.sampler` for the details): each epoch is
+    a permutation of all samples derived from ``(seed, epoch)`` alone, identical on
+    every rank; it is cut into `world_size` equal contiguous parts, so no sample
+    appears twice in an epoch across ranks (except wrap-around padding with
+    ``drop_last=False``), and every rank yields exactly ``len(loader)`` batches:
+
+    * ``drop_last=True``: ``len = N // (world_size * batch_size)``, all batches full.
+    * ``drop_last=False``: each rank gets ``ceil(N / world_size)`` samples (the last
+      rank's part wraps to the start of the epoch's order, repeating fewer than
+      `world_size` samples), so ``len = ceil(ceil(N / world_size) / batch_size)``;
+      the last batch may be partial and has the same size on every rank.
+
+    Within a batch the samples are grouped by the row group they come from (one
+    copy per column and row group); which samples form a batch is set by the order.
+
+    Position and resuming: the loader remembers how many batches of the current
+    epoch it has handed out. ``iter(loader)`` continues from there; once an epoch is
+    exhausted the next ``iter`` starts it again from its first batch (call
+    ``set_epoch`` for a new order). ``set_epoch(e)`` moves to the start of epoch
+    `e`, and leaves the position alone if `e` is already the current epoch, so the
+    usual ``for epoch in range(start, n): loader.set_epoch(epoch)`` loop continues a
+    restored position. ``state_dict()``/``load_state_dict()`` save and restore it
+    (plain ints and strings, JSON-safe); restoring under another `world_size` or
+    `batch_size` splits the samples no rank has consumed yet evenly over the new
+    ranks.
+
+    Threads: the `transform` (``dict -> dict``, on host numpy arrays) runs in the
+    background thread, overlapping the training step; `num_workers` threads decode
+    row groups (default: one per core this process may use, at most 4), with
+    pyarrow's own thread pool off. With several unbound ranks per node, keep
+    ``ranks * (num_workers + 1)`` near the core count.
+
+    Extra keywords beyond the common ones: `shuffle_window` (row groups mixed by the
+    shuffle; memory grows with it), `num_workers`, `filesystem` (a
+    ``pyarrow.fs.FileSystem`` for `path_or_uri`). `columns` is None (all), a list
+    of names, or ``{name: (dtype, shape)}`` to also check each column's dtype and
+    per-sample shape (either may be None).
+    """
+
+    def __init__(self, path_or_uri, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, columns: ColumnsArg = None,
+                 transform: Callable[[dict], dict] | None = None, prefetch: int = 2, device=None,
+                 shuffle_window: int = 4, num_workers: int | None = None, filesystem=None):
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("world_size", world_size, minimum=1)
+        _check_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise ConfigError(f"rank {rank} is outside 0..{world_size - 1} for world_size {world_size}")
+        _check_int("seed", seed, minimum=0)
+        _check_int("prefetch", prefetch, minimum=0)
+        _check_int("shuffle_window", shuffle_window, minimum=1)
+        if num_workers is None:
+            num_workers = default_num_workers()
+        _check_int("num_workers", num_workers, minimum=1)
+        try:
+            self.device = normalize_device(device) or "cpu"
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.device == "gpu":
+            cupy_module()  # fail now, with backend's message, rather than in the background thread
+        self.index = DatasetIndex.open(path_or_uri, columns, filesystem)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last = bool(shuffle), seed, bool(drop_last)
+        self.transform, self.prefetch = transform, prefetch
+        self.shuffle_window, self.num_workers = shuffle_window, num_workers
+        if len(self) == 0:
+            raise DataError(f"{self.index.location.display}: {self.num_samples} samples are fewer than "
+                            f"world_size x batch_size = {world_size} x {batch_size} = {world_size * batch_size}, "
+                            "so with drop_last=True no rank would get a batch (lower batch_size or "
+                            "pass drop_last=False)")
+        self._epoch = 0
+        self._history: tuple[Stage, ...] = ()
+        self._batches_done = 0
+        self._epoch_finished = False
+        self._active = _no_iterator  # weak reference: an abandoned iterator must be collectable
+
+    # -- what the dataset is --------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        return self.index.num_rows
+
+    @property
+    def columns(self):
+        """``{name: ColumnSpec}`` of the columns each batch holds (before the transform)."""
+        return self.index.columns
+
+    @property
+    def fingerprint(self) -> str:
+        return self.index.fingerprint
+
+    def __len__(self) -> int:
+        """Batches each rank yields in a whole epoch: a function of the dataset size,
+        world_size, batch_size and drop_last only, so equal on every rank."""
+        share = rank_share(self.num_samples, self.world_size, self.batch_size, self.drop_last)
+        return batch_count(share, self.batch_size, self.drop_last)
+
+    # -- position -------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the sample order of `epoch`, from its first batch (a no-op if `epoch`
+        is already the current one, so a restored position survives)."""
+        _check_int("epoch", epoch, minimum=0)
+        if epoch != self._epoch:
+            self._stop_active()
+            self._epoch, self._history, self._batches_done, self._epoch_finished = epoch, (), 0, False
+
+    def state_dict(self) -> dict:
+        """The exact position: epoch and batches handed out, plus what must match on
+        restore. Plain JSON-safe values; every rank's state is the same."""
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
+            "drop_last": self.drop_last,
+            "epoch": self._epoch,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "batches_consumed": self._batches_done,
+            "history": [[s.world_size, s.batch_size, s.batches_consumed] for s in self._history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: the next batches are exactly those the saved
+        loader had not yet yielded in that epoch. Under another world_size or
+        batch_size, the samples not yet consumed by any rank are split evenly again."""
+        where = self.index.location.display
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"loader state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["fingerprint"] != self.fingerprint:
+            raise DataError(f"{where}: loader state was saved for another dataset (fingerprint "
+                            f"{state['fingerprint']}, this one is {self.fingerprint})")
+        for key in ("seed", "shuffle", "shuffle_window", "drop_last"):
+            if state[key] != getattr(self, key):
+                raise ConfigError(f"loader state has {key}={state[key]!r} but this loader has "
+                                  f"{key}={getattr(self, key)!r}; the sample order would differ")
+        history = tuple(Stage(*map(int, stage)) for stage in state["history"])
+        saved = Stage(int(state["world_size"]), int(state["batch_size"]), int(state["batches_consumed"]))
+        for number, stage in enumerate(history + (saved,)):
+            available = plan_rank(self.num_samples, stage.world_size, 0, stage.batch_size,
+                                  self.drop_last, history[:number]).num_batches
+            if not 0 <= stage.batches_consumed <= available:
+                raise DataError(f"{where}: loader state says {stage.batches_consumed} batches were consumed "
+                                f"but that stretch of the epoch has {available}")
+        self._stop_active()
+        self._epoch, self._epoch_finished = int(state["epoch"]), False
+        if (saved.world_size, saved.batch_size) == (self.world_size, self.batch_size):
+            self._history, self._batches_done = history, saved.batches_consumed
+        else:
+            self._history = history + ((saved,) if saved.batches_consumed else ())
+            self._batches_done = 0
+
+    def check_consistent(self, comm) -> None:
+        """Compare this loader with every rank's (`comm`: distprop's communicator, an
+        mpi4py one, or anything with ``allgather`` of Python objects). Raises the same DataError on every rank, so none
+        is left waiting, if the ranks see different datasets, seeds, epochs, world
+        sizes or batch counts, or the ranks are not exactly 0..world_size-1."""
+        mine = {"rank": self.rank, "fingerprint": self.fingerprint, "world_size": self.world_size,
+                "batches": len(self), "epoch": self._epoch, "seed": self.seed}
+        gather = getattr(comm, "allgather_object", None) or comm.allgather  # distprop's or mpi4py's
+        everyone = gather(mine)
+        ranks = sorted(entry["rank"] for entry in everyone)
+        if ranks != list(range(self.world_size)) or len(everyone) != self.world_size:
+            raise DataError(f"{self.index.location.display}: {len(everyone)} processes claim ranks {ranks} "
+                            f"but world_size is {self.world_size}")
+        for entry in everyone:
+            differing = {k: v for k, v in entry.items() if k != "rank" and v != everyone[0][k]}
+            if differing:
+                reference = {k: everyone[0][k] for k in differing}
+                raise DataError(f"{self.index.location.display}: rank {entry['rank']} has {differing} "
+                                f"but rank {everyone[0]['rank']} has {reference}")
+
+    # -- iteration ------------------------------------------------------------------
+
+    def _plan(self) -> RankPlan:
+        """This rank's positions and batch count for the current stretch of the epoch."""
+        return plan_rank(self.num_samples, self.world_size, self.rank, self.batch_size,
+                         self.drop_last, self._history)
+
+    def __iter__(self):
+        self._stop_active()
+        if self._epoch_finished:
+            self._history, self._batches_done, self._epoch_finished = (), 0, False
+        plan = self._plan()
+        order = EpochOrder(self.index.block_rows, self.seed, self._epoch, self.shuffle, self.shuffle_window)
+        produce = BatchProducer(self.index, order, plan, self._batches_done, self.shuffle_window,
+                                 self.transform, _device_feeder(self.device), self.num_workers)
+        source = Prefetcher(produce, self.prefetch) if self.prefetch else Inline(produce)
+        iterator = _LoaderIterator(self, source, plan.num_batches)
+        self._active = weakref.ref(iterator)
+        return iterator
+
+    def _stop_active(self) -> None:
+        iterator = self._active()
+        if iterator is not None:
+            iterator.close()
+        self._active = _no_iterator
+
+    def _advance(self, iterator: "_LoaderIterator", batches_done: int, finished: bool) -> None:
+        if iterator is self._active():
+            self._batches_done, self._epoch_finished = batches_done, finished
+
+
+def _no_iterator():
+    return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (an MPI rank's binding narrows them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without affinity masks
+        return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """Decode threads when not given: one per usable core, at most 4."""
+    return max(1, min(4, usable_cores()))
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _device_feeder(device: str):
+    if device != "gpu":
+        return None
+    from distprop.data.device import DeviceFeeder  # only GPU runs need it
+    return DeviceFeeder()
+
+
+class _LoaderIterator:
+    """What ``iter(loader)`` returns; moves the loader's position as batches are handed out."""
+
+    def __init__(self, loader: ArrowLoader, source, num_batches: int):
+        self._loader, self._source, self._num_batches = loader, source, num_batches
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._closed:
+            raise StopIteration
+        try:
+            batch_number, batch = next(self._source)
+        except StopIteration:
+            self._loader._advance(self, self._num_batches, finished=True)
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self._loader._advance(self, batch_number + 1, finished=False)
+        return batch
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._source.close()
+
+    def __del__(self):
+        self.close()

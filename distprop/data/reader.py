@@ -1,0 +1,83 @@
+"""Reading one block (a Parquet row group or an IPC record batch) into numpy arrays.
+
+A `BlockReader` keeps its files open between blocks. pyarrow's file readers are
+not safe to share between threads (two threads reading row groups through one
+`ParquetFile` deadlocked on the development machine), so each reader thread owns
+its own `BlockReader`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distprop.data.format import column_to_numpy
+from distprop.data.index import DatasetIndex
+from distprop.data.storage import open_input
+from distprop.errors import DataError
+
+
+class BlockReader:
+    """Decodes blocks of a DatasetIndex's files into ``{column: ndarray}``.
+
+    Reads run with pyarrow's own thread pool off (``use_threads=False``): the loader
+    parallelises over blocks with its own threads, and several ranks share a node,
+    so nested pools would only oversubscribe the cores.
+    """
+
+    _OPEN_FILES = 4  # handles kept per reader; blocks come mostly from one or two files at a time
+
+    def __init__(self, index: DatasetIndex):
+        self.index = index
+        self.names = list(index.columns)
+        self._open: OrderedDict[int, object] = OrderedDict()
+
+    def read(self, block_number: int) -> dict[str, np.ndarray]:
+        block = self.index.blocks[block_number]
+        where = block.describe(self.index)
+        try:
+            table = self._read_part(block.file, block.part)
+        except DataError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as error:
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"{where}: cannot read ({text})") from None
+        if table.num_rows != block.num_rows:
+            raise DataError(f"{where}: holds {table.num_rows} rows but its footer says {block.num_rows} "
+                            "(was the file changed after the loader was built?)")
+        return {name: column_to_numpy(table.column(name), spec, where)
+                for name, spec in self.index.columns.items()}
+
+    def close(self) -> None:
+        for _, source in self._open.values():
+            source.close()
+        self._open.clear()
+
+    def _read_part(self, file_number: int, part: int):
+        data_file = self.index.files[file_number]
+        reader = self._reader(file_number)
+        if data_file.kind == "parquet":
+            return reader.read_row_group(part, columns=self.names, use_threads=False)
+        return reader.get_batch(part).select(self.names)
+
+    def _reader(self, file_number: int):
+        if file_number in self._open:
+            self._open.move_to_end(file_number)
+            return self._open[file_number][0]
+        data_file = self.index.files[file_number]
+        if data_file.kind == "parquet":
+            source = open_input(data_file.location)
+            # The footer parsed when the index was built is reused, not read again;
+            # object stores get coalesced reads (pre_buffer), local disks don't need them.
+            reader = pq.ParquetFile(source, metadata=data_file.metadata,
+                                    pre_buffer=not data_file.location.is_local)
+        else:
+            source = open_input(data_file.location, memory_map=True)
+            reader = pa.ipc.open_file(source)
+        self._open[file_number] = (reader, source)
+        if len(self._open) > self._OPEN_FILES:
+            self._open.popitem(last=False)[1][1].close()
+        return reader
