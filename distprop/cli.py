@@ -10,7 +10,7 @@ from distprop.errors import UserError
 
 # name -> (module providing `configure(parser)` and `run(args) -> int`, help line)
 COMMANDS = {
-    "data": ("distprop.data.cli", "write datasets in distprop's Parquet format (converters, synthetic data)"),
+    "data": ("distprop.data.cli", "datasets in distprop's Parquet format: converters, synthetic data, info"),
     "bench": ("distprop.bench.cli", "benchmarks that print ratios against a reference"),
 }
 

@@ -11,7 +11,7 @@ BENCHMARKS = {
     "allreduce": ("distprop.bench.allreduce", "allreduce bandwidth against raw mpi4py (run under mpiexec)"),
     "sync": ("distprop.bench.sync", "gradient synchronisation of the MLP against one raw allreduce (mpiexec)"),
     "scaling": ("distprop.bench.scaling", "weak scaling 1 -> N ranks against PyTorch DDP (gloo)"),
-    "loader": ("distprop.bench.loader", "Arrow loader throughput vs pyarrow.parquet.read_table"),
+    "loader": ("distprop.bench.loader", "Arrow loader vs pyarrow.parquet.read_table, and a step fed by it"),
 }
 
 

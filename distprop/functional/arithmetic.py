@@ -75,30 +75,37 @@ class PowScalar(Function):
         self.exponent = exponent
 
     def forward(self, x):
-        self.x = x
+        self.x = x if self.needs_input_grad[0] else None
         return x ** self.exponent
 
     def backward(self, gy):
         c = self.exponent
+        if c == 0:  # constant 1; c * x ** -1 would give nan at x = 0
+            return (get_array_module(gy).zeros_like(gy),)
         return (gy * (c * self.x ** (c - 1)),)
 
 
 class Pow(Function):
-    """a ** b with both sides tensors (d/db uses log a, defined for a > 0)."""
+    """a ** b with both sides tensors, with PyTorch's conventions where the
+    derivative is singular: d/da is 0 where b == 0, d/db is 0 where a == 0 (and
+    nan for a < 0, where log a is not real)."""
 
     def forward(self, a, b):
         y = a ** b
-        self.a, self.b, self.y = a, b, y
+        self.a, self.b = a, b
+        self.y = y if self.needs_input_grad[1] else None
         return y
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        a, b, y = self.a, self.b, self.y
-        ga = sum_to(gy * b * a ** (b - 1), a.shape) if self.needs_input_grad[0] else None
-        gb = None
+        a, b = self.a, self.b
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            # b * a ** (b - 1), with the exponent 1 where b == 0 so that 0 ** -1 never occurs
+            ga = sum_to(gy * b * a ** xp.where(b == 0, 1, b - 1), a.shape)
         if self.needs_input_grad[1]:
-            log_a = xp.where(a > 0, xp.log(xp.where(a > 0, a, 1)), 0)
-            gb = sum_to(gy * y * log_a, b.shape)
+            log_a = xp.log(xp.where(a == 0, 1, a))
+            gb = sum_to(gy * self.y * log_a, b.shape)
         return ga, gb
 
 
@@ -106,27 +113,31 @@ class MatMul(Function):
     """Batched matrix product with numpy's broadcasting and 1-d rules."""
 
     def forward(self, a, b):
-        self.a, self.b = a, b
+        need_a, need_b = self.needs_input_grad
+        self.a_shape, self.b_shape = a.shape, b.shape
+        self.a = a if need_b else None
+        self.b = b if need_a else None
         return a @ b
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        a, b = self.a, self.b
+        a_shape, b_shape = self.a_shape, self.b_shape
         # Treat vectors as matrices (a row for a, a column for b), as matmul does.
-        a2 = a[None, :] if a.ndim == 1 else a
-        b2 = b[:, None] if b.ndim == 1 else b
+        a2_shape = (1,) + a_shape if len(a_shape) == 1 else a_shape
+        b2_shape = b_shape + (1,) if len(b_shape) == 1 else b_shape
+        # Restore the axes matmul dropped: b's column axis (last), then a's row axis.
         g = gy
-        if a.ndim == 1:
-            g = xp.expand_dims(g, -2)
-        if b.ndim == 1:
-            g = xp.expand_dims(g, -1)
+        if len(b_shape) == 1:
+            g = g[..., None]
+        if len(a_shape) == 1:
+            g = g[..., None, :]
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = g @ xp.swapaxes(b2, -1, -2)
-            ga = sum_to(ga, a2.shape).reshape(a.shape)
+            b2 = self.b.reshape(b2_shape)
+            ga = sum_to(g @ xp.swapaxes(b2, -1, -2), a2_shape).reshape(a_shape)
         if self.needs_input_grad[1]:
-            gb = xp.swapaxes(a2, -1, -2) @ g
-            gb = sum_to(gb, b2.shape).reshape(b.shape)
+            a2 = self.a.reshape(a2_shape)
+            gb = sum_to(xp.swapaxes(a2, -1, -2) @ g, b2_shape).reshape(b_shape)
         return ga, gb
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
+from distprop.functional.broadcast import sum_to
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -96,6 +97,9 @@ def cross_entropy(logits, targets, label_smoothing: float = 0.0, ignore_index: i
     targets = xp.asarray(targets)
     if targets.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy expects integer class indices, got dtype {targets.dtype}")
+    if logits.ndim == 1:  # one unbatched sample: (C,) logits and a 0-d target
+        loss = CrossEntropy(targets.reshape(1), label_smoothing, ignore_index, reduction)(logits.reshape(1, -1))
+        return loss.reshape(()) if reduction == "none" else loss
     return CrossEntropy(targets, label_smoothing, ignore_index, reduction)(logits)
 
 
@@ -104,6 +108,7 @@ class MSELoss(Function):
         self.reduction = reduction
 
     def forward(self, x, target):
+        self.shapes = x.shape, target.shape  # they may broadcast, as in PyTorch
         self.diff = x - target
         squared = self.diff * self.diff
         if self.reduction == "mean":
@@ -115,7 +120,9 @@ class MSELoss(Function):
     def backward(self, gy):
         scale = 2 / self.diff.size if self.reduction == "mean" else 2
         g = self.diff * (gy * scale)
-        return g, (-g if self.needs_input_grad[1] else None)
+        g_input = sum_to(g, self.shapes[0]) if self.needs_input_grad[0] else None
+        g_target = -sum_to(g, self.shapes[1]) if self.needs_input_grad[1] else None
+        return g_input, g_target
 
 
 def mse_loss(input, target, reduction: str = "mean") -> Tensor:  # noqa: A002 - PyTorch's name

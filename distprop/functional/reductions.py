@@ -7,10 +7,16 @@ from distprop.backend import get_array_module
 
 
 def _normalize_axes(axis, ndim):
+    """axis (None, an int or a sequence) as a sorted tuple of non-negative axes. A 0-d
+    array accepts axis 0 or -1, as in PyTorch, and reduces over nothing."""
     if axis is None:
         return tuple(range(ndim))
-    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
-    return tuple(sorted(a % ndim if ndim else 0 for a in axes))
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    bound = ndim or 1
+    for a in axes:
+        if not -bound <= a < bound:
+            raise ValueError(f"axis {a} is out of range for a tensor of {ndim} dimensions")
+    return tuple(sorted(a % bound for a in axes)) if ndim else ()
 
 
 def _expand_back(gy, axes, keepdims, shape):
@@ -27,7 +33,7 @@ class Sum(Function):
     def forward(self, x):
         self.shape = x.shape
         self.axes = _normalize_axes(self.axis, x.ndim)
-        return x.sum(axis=self.axis, keepdims=self.keepdims)
+        return x.sum(axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, gy):
         g = _expand_back(gy, self.axes, self.keepdims, self.shape)
@@ -36,29 +42,31 @@ class Sum(Function):
 
 class Mean(Sum):
     def forward(self, x):
-        self.shape = x.shape
-        self.axes = _normalize_axes(self.axis, x.ndim)
+        y = super().forward(x)
         self.count = 1
         for a in self.axes:
             self.count *= x.shape[a]
-        return x.mean(axis=self.axis, keepdims=self.keepdims)
+        return y / self.count
 
     def backward(self, gy):
         return super().backward(gy / self.count)
 
 
 class Max(Function):
-    """Maximum; where several entries tie for the maximum they share the gradient."""
+    """Maximum; where several entries tie for the maximum they share the gradient
+    equally (PyTorch's rule for max() and amax())."""
 
     def __init__(self, axis, keepdims):
         self.axis, self.keepdims = axis, keepdims
 
     def forward(self, x):
-        self.x = x
         self.axes = _normalize_axes(self.axis, x.ndim)
-        self.y = x.max(axis=self.axis, keepdims=True)
-        return self.y if self.keepdims else self.y.reshape(
-            tuple(n for i, n in enumerate(x.shape) if i not in self.axes))
+        if x.size == 0:
+            raise ValueError("max of an empty tensor")
+        y = x.max(axis=self.axes, keepdims=True)
+        if self.needs_input_grad[0]:
+            self.x, self.y = x, y
+        return y if self.keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in self.axes))
 
     def backward(self, gy):
         g = _expand_back(gy, self.axes, self.keepdims, self.x.shape)

@@ -89,8 +89,8 @@ class Stack(Function):
         return get_array_module(*xs).stack(xs, axis=self.axis)
 
     def backward(self, gy):
-        xp = get_array_module(gy)
-        return tuple(xp.take(gy, i, axis=self.axis) for i in range(gy.shape[self.axis]))
+        before = (slice(None),) * (self.axis % gy.ndim)
+        return tuple(gy[before + (i,)] for i in range(gy.shape[self.axis]))
 
 
 class To(Function):
@@ -118,6 +118,8 @@ def transpose(x, axes=None) -> Tensor:
 
 def flatten(x, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     shape = x.shape
+    if not shape:  # a 0-d tensor flattens to one element, as in PyTorch
+        return reshape(x, (1,))
     start, end = start_dim % len(shape), end_dim % len(shape)
     size = 1
     for n in shape[start:end + 1]:

@@ -1,0 +1,108 @@
+"""scaled_dot_product_attention: masks (boolean, additive float, causal), scale,
+broadcast batch axes, fully masked rows, dropout, stability."""
+
+import numpy as np
+import pytest
+
+import distprop as dp
+import distprop.functional as F
+from distprop.backend import to_device, to_numpy
+from helpers import check_grad, compare_with_torch, requires_torch, torch
+
+TF = torch.nn.functional if torch else None
+
+
+def _qkv(seed=0, batch=(2, 3), length=4, source=6, e=5, ev=7):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(batch + (length, e)), rng.standard_normal(batch + (source, e)),
+            rng.standard_normal(batch + (source, ev)))
+
+
+def _bool_mask(seed=1, shape=(4, 6)):
+    mask = np.random.default_rng(seed).random(shape) > 0.4
+    mask[..., 0] = True  # every query sees at least one key here
+    return mask
+
+
+@requires_torch
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.3}, {"is_causal": True}])
+@pytest.mark.parametrize("length, source", [(4, 6), (5, 5), (6, 3)])
+def test_attention_matches_torch(device, kwargs, length, source):
+    q, k, v = _qkv(length=length, source=source)
+    compare_with_torch(lambda *t: F.scaled_dot_product_attention(*t, **kwargs),
+                       lambda *t: TF.scaled_dot_product_attention(*t, **kwargs), q, k, v, device=device)
+
+
+@requires_torch
+@pytest.mark.parametrize("mask_shape", [(4, 6), (3, 4, 6), (2, 1, 4, 6)])
+def test_boolean_mask_matches_torch(device, mask_shape):
+    mask = _bool_mask(shape=mask_shape)
+    compare_with_torch(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=to_device(mask, device)),
+                       lambda *t: TF.scaled_dot_product_attention(*t, attn_mask=torch.as_tensor(mask)),
+                       *_qkv(), device=device)
+
+
+@requires_torch
+@pytest.mark.parametrize("mask_shape", [(4, 6), (2, 3, 4, 6)])
+def test_float_mask_matches_torch_and_is_differentiable(device, mask_shape):
+    mask = np.random.default_rng(2).standard_normal(mask_shape)
+    compare_with_torch(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                       lambda q, k, v, m: TF.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                       *_qkv(), mask, device=device)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}])
+def test_attention_gradients(device, kwargs):
+    check_grad(lambda *t: F.scaled_dot_product_attention(*t, **kwargs), *_qkv(seed=3), device=device)
+
+
+def test_attention_gradients_with_masks_and_broadcast_batch(device):
+    q, k, v = _qkv(seed=4)
+    mask = to_device(_bool_mask(), device)
+    check_grad(lambda *t: F.scaled_dot_product_attention(*t, mask=mask), q, k, v, device=device)
+    # keys and values shared by every head: their batch axes broadcast
+    check_grad(lambda *t: F.scaled_dot_product_attention(*t), q, k[:, :1], v[:1], device=device)
+    float_mask = np.random.default_rng(5).standard_normal((1, 4, 6))
+    check_grad(lambda q_, k_, v_, m: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m), q, k, v,
+               float_mask, device=device)
+
+
+def test_fully_masked_rows_give_zeros(device):
+    q, k, v = (dp.tensor(to_device(a, device), requires_grad=True) for a in _qkv(seed=6))
+    mask = _bool_mask()
+    mask[2] = False  # query 2 may attend to nothing
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=to_device(mask, device))
+    y.sum().backward()
+    out = to_numpy(y.data)
+    assert np.all(out[..., 2, :] == 0) and np.all(np.isfinite(out))
+    assert np.all(to_numpy(q.grad)[..., 2, :] == 0) and np.all(np.isfinite(to_numpy(k.grad)))
+
+
+def test_attention_is_stable_for_huge_scores(device):
+    q, k, v = (a.astype(np.float32) for a in _qkv(seed=7))
+    y = F.scaled_dot_product_attention(*(dp.tensor(to_device(a, device)) for a in (q * 1e3, k * 1e3, v)))
+    assert np.all(np.isfinite(to_numpy(y.data)))
+
+
+def test_attention_dropout_is_seeded(device):
+    q, k, v = (dp.tensor(to_device(a, device)) for a in _qkv(seed=8))
+    runs = [F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, generator=np.random.default_rng(s)).data
+            for s in (1, 1, 2)]
+    np.testing.assert_array_equal(to_numpy(runs[0]), to_numpy(runs[1]))
+    assert np.any(to_numpy(runs[0]) != to_numpy(runs[2]))
+
+
+def test_attention_dropout_gradients(device):
+    # The same generator seed gives the same mask in every evaluation of check_grad.
+    def attend(*t):
+        return F.scaled_dot_product_attention(*t, dropout_p=0.3, generator=np.random.default_rng(9))
+
+    check_grad(attend, *_qkv(seed=9), device=device)
+
+
+def test_attention_rejects_conflicting_masks():
+    q, k, v = (dp.tensor(a) for a in _qkv())
+    with pytest.raises(ValueError, match="is_causal"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(), is_causal=True)
+    with pytest.raises(ValueError, match="not both"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(), mask=_bool_mask())

@@ -1,0 +1,155 @@
+"""conv2d: stride, padding (ints, pairs, 'same', 'valid'), dilation, groups, bias,
+several chunks per batch, channels-last inputs, float32."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import distprop as dp
+import distprop.functional as F
+from distprop.backend import to_device, to_numpy
+from distprop.functional import conv as conv_module
+from helpers import check_grad, compare_with_torch, requires_torch, torch
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    h = draw(st.integers(dilation[0] * (kh - 1) + 1 - 2 * padding[0], 7))
+    w = draw(st.integers(dilation[1] * (kw - 1) + 1 - 2 * padding[1], 7))
+    n = draw(st.integers(1, 3))
+    return dict(x=(n, cin, max(h, 1), max(w, 1)), weight=(cout, cin // groups, kh, kw), stride=stride,
+                padding=padding, dilation=dilation, groups=groups, bias=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _arrays(case):
+    rng = np.random.default_rng(case["seed"])
+    arrays = [rng.standard_normal(case["x"]), rng.standard_normal(case["weight"])]
+    if case["bias"]:
+        arrays.append(rng.standard_normal(case["weight"][0]))
+    return arrays
+
+
+def _kwargs(case):
+    return {k: case[k] for k in ("stride", "padding", "dilation", "groups")}
+
+
+def _fits(case):
+    (_, _, h, w), (_, _, kh, kw) = case["x"], case["weight"]
+    return all(size + 2 * p - d * (k - 1) - 1 >= 0 for size, p, d, k in
+               zip((h, w), case["padding"], case["dilation"], (kh, kw)))
+
+
+def _channels_last(t):
+    """t (N, C, H, W) copied to channels-last memory, differentiably (the layout conv2d
+    itself produces; the two layouts take different im2col paths)."""
+    n, c, h, w = t.shape
+    nhwc = t.transpose(0, 2, 3, 1).reshape(n, h, w * c).reshape(n, h, w, c)  # merging W, C copies
+    return nhwc.transpose(0, 3, 1, 2)
+
+
+@requires_torch
+@FAST
+@given(case=conv_cases(), channels_last=st.booleans())
+def test_conv2d_matches_torch(device, case, channels_last):
+    if not _fits(case):
+        return
+    layout = _channels_last if channels_last else (lambda t: t)
+    compare_with_torch(lambda x, *t: F.conv2d(layout(x), *t, **_kwargs(case)),
+                       lambda *t: torch.nn.functional.conv2d(*t, **_kwargs(case)), *_arrays(case), device=device)
+
+
+def test_channels_last_helper_gives_channels_last_memory(device):
+    t = dp.tensor(to_device(np.ones((2, 3, 4, 5)), device))
+    assert _channels_last(t).data.strides[1] == 8
+
+
+@FAST
+@given(case=conv_cases(), channels_last=st.booleans())
+def test_conv2d_gradients(device, case, channels_last):
+    if not _fits(case):
+        return
+    layout = _channels_last if channels_last else (lambda t: t)
+    check_grad(lambda x, *t: F.conv2d(layout(x), *t, **_kwargs(case)), *_arrays(case), device=device)
+
+
+@requires_torch
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_in_many_chunks_matches_torch(device, stride, channels_last, monkeypatch):
+    # A tiny chunk budget forces one image per chunk (the CPU path's loop).
+    monkeypatch.setattr(conv_module, "_CPU_CHUNK_BYTES", 1)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((5, 4, 6, 6)), rng.standard_normal((3, 4, 3, 3)), rng.standard_normal(3)]
+    layout = _channels_last if channels_last else (lambda t: t)
+    compare_with_torch(lambda x, *t: F.conv2d(layout(x), *t, stride=stride, padding=1),
+                       lambda *t: torch.nn.functional.conv2d(*t, stride=stride, padding=1), *arrays, device=device)
+
+
+@requires_torch
+@pytest.mark.parametrize("padding", ["same", "valid", (2, 0)])
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 4)])
+def test_conv2d_padding_modes_match_torch(device, padding, kernel):
+    import warnings
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((2, 2, 6, 7)), rng.standard_normal((3, 2) + kernel)]
+    with warnings.catch_warnings():  # torch warns that even kernels with 'same' pad asymmetrically
+        warnings.simplefilter("ignore")
+        compare_with_torch(lambda *t: F.conv2d(*t, padding=padding, dilation=(1, 2)),
+                           lambda *t: torch.nn.functional.conv2d(*t, padding=padding, dilation=(1, 2)),
+                           *arrays, device=device)
+
+
+def test_conv2d_output_is_channels_last_and_reads_any_layout(device):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    x_channels_last = to_device(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), device).transpose(0, 3, 1, 2)
+    y1 = F.conv2d(dp.tensor(to_device(x, device)), dp.tensor(to_device(w, device)), padding=1).data
+    y2 = F.conv2d(dp.tensor(x_channels_last), dp.tensor(to_device(w, device)), padding=1).data
+    assert y1.dtype == np.float32 and y1.shape == (2, 4, 5, 5)
+    assert y1.strides[1] == y1.dtype.itemsize  # channels are adjacent in memory
+    np.testing.assert_allclose(to_numpy(y1), to_numpy(y2), rtol=1e-6, atol=1e-6)
+
+
+def test_conv2d_float32_matches_float64(device):
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((4, 8, 9, 9)), rng.standard_normal((16, 8, 3, 3)), rng.standard_normal(16)
+    exact = to_numpy(F.conv2d(*(dp.tensor(to_device(a, device)) for a in (x, w, b)), stride=2, padding=1).data)
+    single = F.conv2d(*(dp.tensor(to_device(a.astype(np.float32), device)) for a in (x, w, b)), stride=2, padding=1)
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(to_numpy(single.data), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_computes_only_needed_gradients(device):
+    rng = np.random.default_rng(4)
+    x = dp.tensor(to_device(rng.standard_normal((2, 3, 5, 5)), device))
+    w = dp.tensor(to_device(rng.standard_normal((4, 3, 3, 3)), device), requires_grad=True)
+    F.conv2d(x, w, padding=1).sum().backward()
+    assert x.grad is None and w.grad.shape == (4, 3, 3, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weight_shape=(4, 2, 3, 3)), "expects 2 channels|input has 3 channels"),
+    (dict(groups=2), "groups=2"),
+    (dict(stride=0), "positive"),
+    (dict(padding=-1), "non-negative"),
+    (dict(padding="full"), "'valid' or 'same'"),
+    (dict(padding="same", stride=2), "stride 1"),
+    (dict(weight_shape=(4, 3, 9, 9)), "larger than the padded input"),
+])
+def test_conv2d_rejects_bad_arguments(kwargs, message):
+    kwargs = dict(kwargs)
+    x = dp.tensor(np.ones((1, 3, 5, 5)))
+    w = dp.tensor(np.ones(kwargs.pop("weight_shape", (4, 3, 3, 3))))
+    with pytest.raises(ValueError, match=message):
+        F.conv2d(x, w, **kwargs)

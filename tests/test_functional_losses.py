@@ -1,0 +1,120 @@
+"""cross_entropy (fused, with label smoothing, ignore_index, reductions, extra
+dimensions) and mse_loss."""
+
+import numpy as np
+import pytest
+
+import distprop as dp
+import distprop.functional as F
+from distprop.backend import to_device, to_numpy
+from helpers import check_grad, compare_with_torch, requires_torch, torch
+
+TF = torch.nn.functional if torch else None
+
+
+def _targets(rng, shape, classes, ignored=0.0):
+    t = rng.integers(0, classes, shape)
+    if ignored:
+        t[rng.random(shape) < ignored] = -100
+    return t
+
+
+CASES = [  # logits shape, targets shape
+    ((6, 4), (6,)),
+    ((3, 4, 5), (3, 5)),
+    ((2, 3, 4, 2), (2, 4, 2)),
+    ((5,), ()),
+]
+
+
+@requires_torch
+@pytest.mark.parametrize("shapes", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("ignored", [0.0, 0.4])
+def test_cross_entropy_matches_torch(device, shapes, reduction, label_smoothing, ignored):
+    rng = np.random.default_rng(0)
+    logits_shape, target_shape = shapes
+    classes = logits_shape[1] if len(logits_shape) > 1 else logits_shape[0]
+    targets = _targets(rng, target_shape, classes, ignored if target_shape else 0.0)
+    if ignored and targets.size and np.all(targets == -100):
+        targets.flat[0] = 1
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    compare_with_torch(lambda z: F.cross_entropy(z, to_device(targets, device), **kwargs),
+                       lambda z: TF.cross_entropy(z, torch.as_tensor(targets), **kwargs),
+                       rng.standard_normal(logits_shape) * 3, device=device)
+
+
+@pytest.mark.parametrize("shapes", CASES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_cross_entropy_gradients(device, shapes, label_smoothing):
+    rng = np.random.default_rng(1)
+    logits_shape, target_shape = shapes
+    classes = logits_shape[1] if len(logits_shape) > 1 else logits_shape[0]
+    targets = to_device(_targets(rng, target_shape, classes), device)
+    check_grad(lambda z: F.cross_entropy(z, targets, label_smoothing=label_smoothing, reduction="sum"),
+               rng.standard_normal(logits_shape), device=device)
+
+
+@requires_torch
+def test_cross_entropy_custom_ignore_index(device):
+    rng = np.random.default_rng(2)
+    targets = np.array([0, 3, 3, 1, 2])
+    compare_with_torch(lambda z: F.cross_entropy(z, to_device(targets, device), ignore_index=3),
+                       lambda z: TF.cross_entropy(z, torch.as_tensor(targets), ignore_index=3),
+                       rng.standard_normal((5, 4)), device=device)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_is_stable_for_huge_logits(device, smoothing):
+    logits = np.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    targets = np.array([0, 0, 2])
+    z = dp.tensor(to_device(logits, device), requires_grad=True)
+    loss = F.cross_entropy(z, to_device(targets, device), label_smoothing=smoothing)
+    loss.backward()
+    assert np.isfinite(to_numpy(loss.data)) and np.all(np.isfinite(to_numpy(z.grad)))
+    # row 0: loss 0 (+ smoothing), row 1: 2e4, row 2: log 3; smoothing adds eps * (log Z - mean logit)
+    per_row = np.array([0.0, 2e4, np.log(3)]) * (1 - smoothing)
+    per_row += smoothing * np.array([1e4, 1e4, np.log(3)])
+    np.testing.assert_allclose(to_numpy(loss.data), per_row.mean(), rtol=1e-6)
+    if torch is not None:
+        reference = TF.cross_entropy(torch.tensor(logits), torch.tensor(targets), label_smoothing=smoothing)
+        np.testing.assert_allclose(to_numpy(loss.data), reference.item(), rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_cross_entropy_all_ignored_gives_nan_like_torch(device):
+    z = dp.tensor(to_device(np.zeros((2, 3)), device), requires_grad=True)
+    loss = F.cross_entropy(z, to_device(np.array([-100, -100]), device))
+    assert np.isnan(to_numpy(loss.data))
+
+
+def test_cross_entropy_rejects_bad_targets(device):
+    z = dp.tensor(to_device(np.zeros((2, 3)), device), requires_grad=True)
+    with pytest.raises(IndexError, match="out of range"):
+        F.cross_entropy(z, to_device(np.array([0, 3]), device))
+    with pytest.raises(TypeError, match="integer"):
+        F.cross_entropy(z, to_device(np.array([0.0, 1.0]), device))
+    with pytest.raises(ValueError, match="reduction"):
+        F.cross_entropy(z, to_device(np.array([0, 1]), device), reduction="avg")
+
+
+@requires_torch
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_shape", [(3, 4), (4,), ()])
+def test_mse_loss_matches_torch(device, reduction, target_shape):
+    rng = np.random.default_rng(3)
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns when the shapes broadcast
+        warnings.simplefilter("ignore")
+        compare_with_torch(lambda x, t: F.mse_loss(x, t, reduction=reduction),
+                           lambda x, t: TF.mse_loss(x, t, reduction=reduction),
+                           rng.standard_normal((3, 4)), rng.standard_normal(target_shape), device=device)
+
+
+def test_mse_loss_gradients(device):
+    rng = np.random.default_rng(4)
+    check_grad(F.mse_loss, rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), device=device)
+    check_grad(lambda x, t: F.mse_loss(x, t, reduction="none"), rng.standard_normal((3, 4)),
+               rng.standard_normal(4), device=device)

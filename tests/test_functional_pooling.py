@@ -1,0 +1,120 @@
+"""max_pool2d, avg_pool2d, adaptive_avg_pool2d, global_avg_pool2d."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import distprop as dp
+import distprop.functional as F
+from distprop.backend import to_device, to_numpy
+from helpers import check_grad, compare_with_torch, requires_torch, torch
+
+FAST = settings(max_examples=20, deadline=None)
+TF = torch.nn.functional if torch else None
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = draw(st.sampled_from([None, 1, 2, (1, 2), (3, 1)]))
+    padding = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
+    h, w = draw(st.integers(kh, 7)), draw(st.integers(kw, 7))
+    return dict(shape=(draw(st.integers(1, 2)), draw(st.integers(1, 3)), h, w), kernel_size=(kh, kw),
+                stride=stride, padding=padding, seed=draw(st.integers(0, 2**16)))
+
+
+def _args(case):
+    return case["kernel_size"], case["stride"], case["padding"]
+
+
+def _input(case):
+    # A permutation of distinct values: no ties (where max's gradient is not smooth).
+    rng = np.random.default_rng(case["seed"])
+    return rng.permutation(np.prod(case["shape"])).reshape(case["shape"]) / 7.0
+
+
+@requires_torch
+@FAST
+@given(case=pool_cases())
+def test_max_pool2d_matches_torch(device, case):
+    compare_with_torch(lambda t: F.max_pool2d(t, *_args(case)), lambda t: TF.max_pool2d(t, *_args(case)),
+                       _input(case), device=device)
+
+
+@FAST
+@given(case=pool_cases())
+def test_max_pool2d_gradients(device, case):
+    check_grad(lambda t: F.max_pool2d(t, *_args(case)), _input(case), device=device)
+
+
+@requires_torch
+@FAST
+@given(case=pool_cases(), count_include_pad=st.booleans())
+def test_avg_pool2d_matches_torch(device, case, count_include_pad):
+    compare_with_torch(lambda t: F.avg_pool2d(t, *_args(case), count_include_pad=count_include_pad),
+                       lambda t: TF.avg_pool2d(t, *_args(case), count_include_pad=count_include_pad),
+                       _input(case), device=device)
+
+
+@FAST
+@given(case=pool_cases())
+def test_avg_pool2d_gradients(device, case):
+    check_grad(lambda t: F.avg_pool2d(t, *_args(case)), _input(case), device=device)
+
+
+@requires_torch
+def test_avg_pool2d_divisor_override(device):
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4))
+    compare_with_torch(lambda t: F.avg_pool2d(t, 2, divisor_override=3),
+                       lambda t: TF.avg_pool2d(t, 2, divisor_override=3), x, device=device)
+
+
+@requires_torch
+@pytest.mark.parametrize("kernel, stride, padding", [(2, None, 0), (3, 1, 1), (2, 1, 0)])
+def test_max_pool2d_ties_go_to_the_first_maximum_like_torch(device, kernel, stride, padding):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, (2, 2, 5, 6)).astype(float)  # many ties
+    compare_with_torch(lambda t: F.max_pool2d(t, kernel, stride, padding),
+                       lambda t: TF.max_pool2d(t, kernel, stride, padding), x, device=device)
+
+
+@requires_torch
+@pytest.mark.parametrize("output_size", [1, (1, 1), 2, (3, 2), (4, None), (5, 7), (6, 6)])
+def test_adaptive_avg_pool2d_matches_torch(device, output_size):
+    x = np.random.default_rng(2).standard_normal((2, 3, 6, 5))
+    compare_with_torch(lambda t: F.adaptive_avg_pool2d(t, output_size),
+                       lambda t: TF.adaptive_avg_pool2d(t, output_size), x, device=device)
+
+
+def test_adaptive_avg_pool2d_gradients(device):
+    x = np.random.default_rng(3).standard_normal((2, 3, 7, 5))
+    check_grad(lambda t: F.adaptive_avg_pool2d(t, (3, 2)), x, device=device)
+    check_grad(lambda t: F.adaptive_avg_pool2d(t, 1), x, device=device)
+
+
+@requires_torch
+def test_global_avg_pool2d_matches_torch(device):
+    x = np.random.default_rng(4).standard_normal((3, 4, 5, 2))
+    compare_with_torch(F.global_avg_pool2d, lambda t: t.mean(dim=(2, 3)), x, device=device)
+    check_grad(F.global_avg_pool2d, x, device=device)
+
+
+@pytest.mark.parametrize("pool", [lambda t: F.max_pool2d(t, 2), lambda t: F.avg_pool2d(t, 3, 1, 1)])
+def test_pooling_keeps_channels_last_layout(device, pool):
+    nhwc = np.random.default_rng(5).standard_normal((2, 6, 3, 4)).astype(np.float32)
+    x = to_device(nhwc, device).transpose(0, 3, 1, 2)  # logically NCHW, channels-last in memory
+    y = pool(dp.tensor(x))
+    assert y.dtype == np.float32 and y.data.strides[1] == 4
+    reference = pool(dp.tensor(to_device(np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)), device)))
+    np.testing.assert_allclose(to_numpy(y.data), to_numpy(reference.data))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda t: F.max_pool2d(t, 2, padding=2), "half the kernel"),
+    (lambda t: F.avg_pool2d(t, 0), "positive"),
+    (lambda t: F.max_pool2d(t, 9), "larger than"),
+    (lambda t: F.max_pool2d(t.reshape(4, 16), 2), r"\(N, C, H, W\)"),
+])
+def test_pooling_rejects_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(dp.tensor(np.ones((1, 4, 4, 4))))

@@ -1,0 +1,94 @@
+"""sum, mean and max: axes (None, int, negative, tuples), keepdims, 0-d, ties."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import array_shapes
+
+import distprop as dp
+import distprop.functional as F
+from distprop.backend import to_device, to_numpy
+from helpers import check_grad, compare_with_torch, requires_torch
+
+FAST = settings(max_examples=20, deadline=None)
+
+
+@st.composite
+def shapes_and_axes(draw):
+    """A shape (0-d included) and an axis argument: None, an int or a tuple."""
+    shape = draw(array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=4))
+    ndim = len(shape)
+    if ndim == 0:
+        return shape, draw(st.sampled_from([None, 0, -1, ()]))
+    kind = draw(st.sampled_from(["none", "int", "tuple"]))
+    if kind == "none":
+        return shape, None
+    if kind == "int":
+        return shape, draw(st.integers(-ndim, ndim - 1))
+    axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    return shape, tuple(a - ndim if draw(st.booleans()) else a for a in axes)
+
+
+def _torch_dims(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    return axis if isinstance(axis, tuple) else (axis,)
+
+
+@requires_torch
+@pytest.mark.parametrize("name", ["sum", "mean", "max"])
+@FAST
+@given(case=shapes_and_axes(), keepdims=st.booleans(), seed=st.integers(0, 2**16))
+def test_reductions_match_torch(device, name, case, keepdims, seed):
+    shape, axis = case
+    x = np.random.default_rng(seed).standard_normal(shape)
+
+    def theirs(t):
+        dims = _torch_dims(axis, t.ndim)
+        if name == "max":
+            return t.amax(dim=dims, keepdim=keepdims) if dims else t.clone()
+        return getattr(t, name)(dim=dims, keepdim=keepdims) if dims else t.clone()
+
+    compare_with_torch(lambda t: getattr(t, name)(axis, keepdims), theirs, x, device=device)
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "max"])
+@FAST
+@given(case=shapes_and_axes(), keepdims=st.booleans(), seed=st.integers(0, 2**16))
+def test_reduction_gradients(device, name, case, keepdims, seed):
+    shape, axis = case
+    x = np.random.default_rng(seed).standard_normal(shape)
+    check_grad(lambda t: getattr(F, name)(t, axis, keepdims), x, device=device)
+
+
+@requires_torch
+def test_max_ties_share_the_gradient_like_torch(device):
+    x = np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [0.0, -1.0, 0.0]])
+    compare_with_torch(lambda t: t.max(), lambda t: t.max(), x, device=device)
+    compare_with_torch(lambda t: t.max(axis=1), lambda t: t.amax(dim=1), x, device=device)
+    compare_with_torch(lambda t: t.max(axis=0, keepdims=True), lambda t: t.amax(dim=0, keepdim=True), x,
+                       device=device)
+
+
+@requires_torch
+def test_mean_over_a_tuple_of_axes(device):
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    compare_with_torch(lambda t: t.mean(axis=(0, 2, 3)), lambda t: t.mean(dim=(0, 2, 3)), x, device=device)
+    compare_with_torch(lambda t: t.mean(axis=[-1, 1], keepdims=True),
+                       lambda t: t.mean(dim=(-1, 1), keepdim=True), x, device=device)
+
+
+def test_zero_dimensional_reductions(device):
+    x = dp.tensor(to_device(np.array(2.5), device), requires_grad=True)
+    for y in (x.sum(), x.mean(axis=0), x.max(axis=-1), x.sum(keepdims=True)):
+        assert y.shape == () and float(to_numpy(y.data)) == 2.5
+    (x.sum() + x.mean(0) + x.max()).backward()
+    assert float(to_numpy(x.grad)) == 3.0
+
+
+def test_out_of_range_axis_is_an_error():
+    x = dp.tensor(np.ones((2, 3)), requires_grad=True)
+    with pytest.raises(ValueError, match="axis 2"):
+        x.sum(axis=2)
+    with pytest.raises(ValueError, match="axis -3"):
+        x.mean(axis=(0, -3))
