@@ -87,7 +87,7 @@ class RemovableHandle:
 class Tensor:
     """An array plus what autograd needs: `grad`, `requires_grad` and the op that made it."""
 
-    __slots__ = ("data", "grad", "requires_grad", "creator", "_hooks", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "creator", "grad_buffer", "_hooks", "__weakref__")
     __array_priority__ = 1000  # numpy defers `array * tensor` to Tensor.__rmul__
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
@@ -95,6 +95,9 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self.creator: Function | None = None
+        # Where a leaf would like its next gradient written when .grad is None (the
+        # data-parallel reducer points it into its bucket, which saves a copy).
+        self.grad_buffer = None
         self._hooks: list | None = None
 
     # ---- array facts -------------------------------------------------------
@@ -291,7 +294,11 @@ class Function:
     Contract for `backward`: return, for each input, an array of exactly that
     input's shape and dtype; it may be `grad_output` itself or a view, but never an
     array that is stored elsewhere (the engine accumulates into fresh arrays in
-    place).
+    place). Before `backward` runs, the engine may set `self.grad_out`, a dict
+    {input index: array}: that input is a leaf whose whole gradient comes from this
+    op and which asks for it in that array (its `grad_buffer`). An op may write the
+    gradient there (e.g. with matmul's `out=`) and return that very array; ops that
+    ignore it cost one copy, nothing else.
     """
 
     needs_input_grad: tuple = ()
@@ -413,6 +420,9 @@ def _walk(root: Tensor, grad, retain_graph: bool) -> None:
         fn = ready.pop()
         gy, gy_owned = slots.pop(id(fn), (None, False))
         inputs, needs = fn.inputs, fn.needs_input_grad
+        grad_out = _gradient_destinations(inputs, needs, pending)
+        if grad_out:
+            fn.grad_out = grad_out
         gxs = fn.backward(gy) if gy is not None else (None,) * len(inputs)
         if not retain_graph:
             fn._release()
@@ -424,7 +434,10 @@ def _walk(root: Tensor, grad, retain_graph: bool) -> None:
                     gx = np.asarray(gx)
                 _check_grad(fn, index, t, gx)
                 shared = sum(g is gx for g in gxs) > 1
-                owned = not shared and (gy_owned if gx is gy else _is_fresh(gx))
+                if grad_out and gx is grad_out.get(index):
+                    owned = True  # written where the leaf asked: it becomes .grad as is
+                else:
+                    owned = not shared and (gy_owned if gx is gy else _is_fresh(gx))
             node = t.creator if t.creator is not None else t
             key = id(node)
             if t.creator is None:
@@ -440,6 +453,18 @@ def _walk(root: Tensor, grad, retain_graph: bool) -> None:
             pending[key] -= 1
             if pending[key] == 0:
                 ready.append(t.creator)
+
+
+def _gradient_destinations(inputs, needs, pending):
+    """{index: buffer} for the inputs that are leaves with a grad_buffer, no .grad yet,
+    and this op as their only source of gradient; None when there are none."""
+    destinations = None
+    for index, t in enumerate(inputs):
+        if (needs[index] and t.grad_buffer is not None and t.creator is None and t.grad is None
+                and pending.get(id(t)) == 1):
+            destinations = destinations or {}
+            destinations[index] = t.grad_buffer
+    return destinations
 
 
 def _accumulate(slot, gx, owned):

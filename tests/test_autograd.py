@@ -177,3 +177,30 @@ def test_cpu_path_never_imports_cupy():
             "import distprop.nn, distprop.optim\n"
             "assert 'cupy' not in sys.modules, 'cupy imported on the CPU path'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_gradient_lands_in_the_leaf_grad_buffer_when_it_has_one(device):
+    rng = np.random.default_rng(0)
+    x = make(rng.standard_normal((4, 3)), device, requires_grad=False)
+    w = make(rng.standard_normal((2, 3)), device)
+    expected_w = make(to_numpy(w.data).copy(), device)
+    buffer = dp.tensor(to_device(np.full((2, 3), np.nan), device)).data
+    w.grad_buffer = buffer
+    F.linear(x, w).sum().backward()
+    assert w.grad is buffer  # written in place by the op, not copied
+    F.linear(x, expected_w).sum().backward()
+    np.testing.assert_allclose(to_numpy(w.grad), to_numpy(expected_w.grad), rtol=1e-12)
+    # A second pass accumulates into it as into any gradient.
+    F.linear(x, w).sum().backward()
+    np.testing.assert_allclose(to_numpy(buffer), 2 * to_numpy(expected_w.grad), rtol=1e-12)
+
+
+def test_grad_buffer_is_ignored_when_several_ops_contribute(device):
+    rng = np.random.default_rng(1)
+    x = make(rng.standard_normal((4, 3)), device, requires_grad=False)
+    w = make(rng.standard_normal((2, 3)), device)
+    w.grad_buffer = dp.tensor(to_device(np.full((2, 3), np.nan), device)).data
+    (F.linear(x, w).sum() + (w * 2).sum()).backward()  # two sources: no single writer
+    reference = make(to_numpy(w.data).copy(), device)
+    (F.linear(x, reference).sum() + (reference * 2).sum()).backward()
+    np.testing.assert_allclose(to_numpy(w.grad), to_numpy(reference.grad), rtol=1e-12)

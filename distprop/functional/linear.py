@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distprop.autograd import Function, Tensor
+from distprop.backend import get_array_module
 
 
 class Linear(Function):
@@ -29,8 +30,9 @@ class Linear(Function):
             gx = gy @ self.weight
         if needs[1] or (len(needs) > 2 and needs[2]):
             gy2 = gy.reshape(-1, gy.shape[-1])
-            if needs[1]:
-                gw = gy2.T @ self.x.reshape(-1, self.x.shape[-1])
+            if needs[1]:  # straight into the weight's gradient buffer where it has one
+                out = self.grad_out.get(1) if hasattr(self, "grad_out") else None
+                gw = get_array_module(gy).matmul(gy2.T, self.x.reshape(-1, self.x.shape[-1]), out=out)
             if len(needs) > 2 and needs[2]:
                 gb = gy2.sum(axis=0)
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)

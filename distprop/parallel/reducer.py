@@ -47,6 +47,7 @@ class Bucket:
             self.views, offset = [], 0
             for p in params:
                 self.views.append(self.buffer[offset:offset + p.data.size].reshape(p.data.shape))
+                p.grad_buffer = self.views[-1]  # ops may write the gradient here directly
                 offset += p.data.size
         wire_dtype = compression.wire_dtype
         self.wire = xp.empty(self.size, wire_dtype) if wire_dtype is not None else None
@@ -376,4 +377,7 @@ class Reducer:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for bucket in self.buckets:
+            for p in bucket.params:
+                p.grad_buffer = None
         self.transport.close()

@@ -7,6 +7,7 @@ with no launcher (size 1).
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -57,6 +58,8 @@ def init(*, device: str | None = None, threads: int | None = None, abort_on_erro
             from distprop.parallel.watchdog import Watchdog
 
             comm.watchdog = Watchdog(comm.mpi_comm.Dup(), timeout, abort=comm.abort)
+            # Before MPI_Finalize (registered earlier, so run later): no receive left pending.
+            atexit.register(comm.watchdog.close)
     _job = comm
     return comm
 
