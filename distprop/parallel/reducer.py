@@ -141,22 +141,21 @@ class Work:
             raise RuntimeError(f"allreduce of {self.bucket.describe()} failed: {self.error}") from self.error
 
 
-class ThreadTransport:
-    """Runs bucket reductions, in submission order, on a background thread that
-    issues blocking MPI allreduces on a communicator of its own. The training
-    thread keeps computing meanwhile (numpy and mpi4py release the GIL). Preferred
-    over MPI_Iallreduce: on shared memory, Open MPI's blocking allreduce measured
-    several times faster than its nonblocking one, which also only progresses
-    while the training thread calls into MPI."""
+class BackgroundTransport:
+    """Runs bucket reductions, in submission order, on a background thread; the
+    training thread keeps computing meanwhile (numpy and mpi4py release the GIL).
+    Subclasses define `reduce(bucket)`, which runs on that thread."""
 
-    name = "thread"
+    name = "background"
 
-    def __init__(self, comm):
-        self.comm = comm.dup()
+    def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._gpu = backend.current_gpu_id() if backend.gpu_available() else None
-        self._thread = threading.Thread(target=self._run, name="distprop-allreduce", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"distprop-{self.name}-allreduce", daemon=True)
         self._thread.start()
+
+    def reduce(self, bucket) -> None:
+        raise NotImplementedError
 
     def start(self, bucket) -> Work:
         work = Work(bucket)
@@ -174,7 +173,7 @@ class ThreadTransport:
             if work is None:
                 return
             try:
-                work.bucket.reduce(self.comm)
+                self.reduce(work.bucket)
             except BaseException as error:  # handed to the waiting thread
                 work.finish(error)
             else:
@@ -183,6 +182,22 @@ class ThreadTransport:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10)
+
+
+class ThreadTransport(BackgroundTransport):
+    """Blocking MPI allreduces on the background thread, on a communicator of its
+    own. Preferred over MPI_Iallreduce: on shared memory, Open MPI's blocking
+    allreduce measured several times faster than its nonblocking one, which also
+    only progresses while the training thread calls into MPI."""
+
+    name = "thread"
+
+    def __init__(self, comm):
+        self.comm = comm.dup()
+        super().__init__()
+
+    def reduce(self, bucket) -> None:
+        bucket.reduce(self.comm)
 
 
 class IallreduceWork(Work):

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import mmap
 import os
-import queue
-import threading
 import uuid
 
 import numpy as np
+
+from distprop.parallel.reducer import BackgroundTransport
 
 SHM_DIR = "/dev/shm"
 ALIGN = 64  # bytes: each bucket starts on a cache line
@@ -84,7 +84,7 @@ class NodeSegment:
         return np.frombuffer(self.memory, np.uint8, self.per_rank, local_rank * self.per_rank)
 
 
-class ShmTransport:
+class ShmTransport(BackgroundTransport):
     """Bucket reductions through a node's shared memory, in submission order, on a
     background thread (see the module docstring). Host arrays only."""
 
@@ -105,9 +105,7 @@ class ShmTransport:
             offset += _aligned(count * np.dtype(dtype).itemsize)
         self.segment = NodeSegment(self.node, offset)
         self.layouts = layouts
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="distprop-shm-allreduce", daemon=True)
-        self._thread.start()
+        super().__init__()
 
     def buffer(self, index: int, local_rank: int | None = None) -> np.ndarray:
         """Bucket `index`'s flat buffer in local rank `local_rank`'s slab (default: mine)."""
@@ -119,16 +117,6 @@ class ShmTransport:
 
     def bucket_buffers(self):
         return [self.buffer(i) for i in range(len(self.layouts))]
-
-    def start(self, bucket):
-        from distprop.parallel.reducer import Work
-
-        work = Work(bucket)
-        self._jobs.put(work)
-        return work
-
-    def progress(self) -> None:
-        pass
 
     def _reduce(self, index: int) -> None:
         count, dtype = self.layouts[index]
@@ -148,20 +136,6 @@ class ShmTransport:
                 other[...] = mine
         self.node.Barrier()  # every chunk is in every buffer
 
-    def _run(self) -> None:
-        while True:
-            work = self._jobs.get()
-            if work is None:
-                return
-            try:
-                guard = self.comm._guard(f"shared-memory allreduce of {work.bucket.describe()}")
-                with guard:
-                    self._reduce(work.bucket.index)
-            except BaseException as error:  # handed to the waiting thread
-                work.finish(error)
-            else:
-                work.finish()
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
+    def reduce(self, bucket) -> None:
+        with self.comm._guard(f"shared-memory allreduce of {bucket.describe()}"):
+            self._reduce(bucket.index)
