@@ -45,6 +45,8 @@ def parse_config() -> Config:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args()
+    if args.epochs < 1 or args.batch_size < 1:
+        parser.error("--epochs and --batch-size must be at least 1")  # the final accuracy needs an epoch
     return Config(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
 

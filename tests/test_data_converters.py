@@ -1,6 +1,8 @@
 """Converters, each fed files this test writes in the real format, and `distprop data`."""
 
+import codecs
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -133,6 +135,28 @@ def test_cifar10_refuses_pickles_that_would_run_code(tmp_path):
     assert not victim.exists()
 
 
+def test_cifar10_unpickler_allows_only_latin1_bytes_from_codecs(tmp_path):
+    """Protocol 2 spells bytes as _codecs.encode(text, "latin1") (and b"" as bytes());
+    other codecs or arguments are refused, not run."""
+    from distprop.data.safe_pickle import load_data_pickle
+
+    class OtherCodec:
+        def __reduce__(self):
+            return codecs.encode, (b"x" * 100, "zlib")
+
+    class SizedBytes:
+        def __reduce__(self):
+            return bytes, (10**6,)
+
+    for payload, message in ((OtherCodec(), "_codecs.encode"), (SizedBytes(), "positional argument")):
+        (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": payload}, protocol=2))
+        with pytest.raises(DataError, match=message):
+            read_cifar10_batch(tmp_path / "data_batch_1")
+    for protocol in range(6):
+        raw = pickle.dumps({b"empty": b"", b"high": b"\xff\x00"}, protocol=protocol)
+        assert load_data_pickle(io.BytesIO(raw)) == {b"empty": b"", b"high": b"\xff\x00"}
+
+
 def test_cifar10_missing_or_wrong_batches(cifar_dir, tmp_path):
     directory, _, _ = cifar_dir
     (directory / "data_batch_3").unlink()
@@ -159,6 +183,15 @@ def test_npz(tmp_path):
     data = read_all(tmp_path / "out")
     np.testing.assert_array_equal(data["x"], x[data["y"]])
     assert sorted(data["y"]) == list(range(12))
+
+
+def test_npz_with_big_endian_arrays(tmp_path):
+    x = np.arange(12, dtype=">f4").reshape(6, 2)
+    np.savez(tmp_path / "be.npz", x=x, y=np.arange(6, dtype=">i8"))
+    convert_npz(tmp_path / "be.npz", tmp_path / "out", shuffle=False)
+    data = read_all(tmp_path / "out")
+    assert data["x"].dtype == np.float32 and data["y"].dtype == np.int64
+    np.testing.assert_array_equal(data["x"], x)
 
 
 def test_npz_refuses_object_arrays_and_unequal_lengths(tmp_path):
@@ -258,3 +291,4 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert error.count("\n") == 1 and "no column 'z'" in error and str(tmp_path / "t.csv") in error
     assert main(["data", "info", str(tmp_path / "missing")]) == 2
     assert main(["data", "synthetic", str(tmp_path / "s"), "--samples", "0"]) == 2
+    assert main(["data", "synthetic", str(tmp_path / "s"), "--samples", "5", "--dtype", "float33"]) == 2

@@ -39,9 +39,10 @@ def test_a_file_that_is_not_a_dataset_file(tmp_path):
     data_error(path, "not a dataset file", call=lambda: ArrowLoader(path, 4))
 
 
-def test_unreadable_file(tmp_path):
+@pytest.mark.parametrize("content", [b"definitely not parquet" * 10, b""])
+def test_unreadable_file(tmp_path, content):
     write_ids(tmp_path, 20, rows_per_file=10)
-    (tmp_path / "part-00001.parquet").write_bytes(b"definitely not parquet" * 10)
+    (tmp_path / "part-00001.parquet").write_bytes(content)
     data_error(tmp_path / "part-00001.parquet", "not a readable Parquet file", call=lambda: ArrowLoader(tmp_path, 4))
 
 

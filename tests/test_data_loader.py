@@ -273,7 +273,15 @@ def test_an_abandoned_iterator_stops_its_threads(dataset):
 
 def test_prefetch_zero_reads_in_the_calling_thread(dataset):
     path, _ = dataset
-    assert batch_ids(ArrowLoader(path, 10, prefetch=0)) == batch_ids(ArrowLoader(path, 10, prefetch=3))
+    threads = set()
+
+    def transform(batch):
+        threads.add(threading.current_thread().name)
+        return batch
+
+    inline = batch_ids(ArrowLoader(path, 10, prefetch=0, transform=transform))
+    assert threads == {threading.current_thread().name}
+    assert inline == batch_ids(ArrowLoader(path, 10, prefetch=3))
 
 
 def test_memory_is_bounded_by_a_few_row_groups(tmp_path, monkeypatch):
@@ -367,6 +375,22 @@ def test_a_non_local_filesystem_takes_the_generic_path(tmp_path):
             np.testing.assert_array_equal(batch["x"], x[batch["id"]])
 
 
+def test_files_in_hidden_or_underscore_directories_are_not_data(tmp_path):
+    """A notebook's .ipynb_checkpoints/ copy or Spark's _temporary/ inside the dataset
+    would otherwise be read as more samples (pyarrow.dataset skips them too); a hidden
+    directory above the dataset's root is fine."""
+    root = tmp_path / ".cache" / "ds"
+    write_ids(root, 20)
+    for hidden in (".ipynb_checkpoints", "_temporary/0", "sub/.hidden"):
+        write_ids(root / hidden, 20)
+    (root / "README.txt").write_text("not data")
+    (root / "_SUCCESS").write_bytes(b"")
+    assert ArrowLoader(root, 5).num_samples == 20
+    write_ids(root, 10, overwrite=True)  # the writer sees the same files: it leaves these alone
+    assert (root / "_temporary" / "0" / "part-00000.parquet").exists()
+    assert ArrowLoader(root, 5).num_samples == 10
+
+
 def test_fingerprint_ignores_where_the_dataset_lives(tmp_path):
     write_ids(tmp_path / "a", 30)
     write_ids(tmp_path / "b", 30)
@@ -382,8 +406,7 @@ class FakeComm:
         self.loaders = loaders
 
     def allgather(self, _mine):
-        return [{"rank": l.rank, "fingerprint": l.fingerprint, "world_size": l.world_size,
-                 "batches": len(l), "epoch": l.epoch, "seed": l.seed} for l in self.loaders]
+        return [loader._consistency_record() for loader in self.loaders]
 
 
 def test_check_consistent_catches_ranks_that_disagree(dataset):
@@ -393,6 +416,15 @@ def test_check_consistent_catches_ranks_that_disagree(dataset):
     loaders[2].set_epoch(1)
     with pytest.raises(DataError, match="rank 2 has {'epoch': 1}"):
         loaders[0].check_consistent(FakeComm(loaders))
+    loaders[2].set_epoch(0)
+    stream = iter(loaders[1])  # a position restored on one rank only: it has fewer batches to go
+    next(stream)
+    with pytest.raises(DataError, match="rank 1 has {'batches_left': 5}"):
+        loaders[0].check_consistent(FakeComm(loaders))
+    stream.close()
+    others = rank_loaders(path, 3, 5) + [ArrowLoader(path, 5, rank=2, world_size=3, shuffle=False)]
+    with pytest.raises(DataError, match="rank 2 has {'shuffle': False}"):
+        others[0].check_consistent(FakeComm(others[:2] + others[3:]))
     duplicated = [ArrowLoader(path, 5, rank=0, world_size=2) for _ in range(2)]
     with pytest.raises(DataError, match=r"claim ranks \[0, 0\]"):
         duplicated[0].check_consistent(FakeComm(duplicated))

@@ -108,13 +108,14 @@ def _read_table_numpy(index) -> int:
     import pyarrow.parquet as pq
 
     from distprop.data.format import column_to_numpy
+    from distprop.data.storage import open_input
 
     rows = 0
     for data_file in index.files:
         if data_file.kind == "parquet":
             table = pq.read_table(data_file.location.path, filesystem=data_file.location.filesystem)
-        else:
-            with pa.memory_map(data_file.location.path) as source:
+        else:  # memory-mapped where local, as the loader reads it; --dir may be a URI
+            with open_input(data_file.location, memory_map=True) as source:
                 table = pa.ipc.open_file(source).read_all()
         for name, spec in index.columns.items():
             column_to_numpy(table.column(name), spec, data_file.location.display)
@@ -151,10 +152,14 @@ def _training_step(index, loader, shape, args) -> None:
     import distprop.functional as F
     from distprop import backend, optim
     from distprop.data.loader import usable_cores
+    from distprop.errors import ConfigError
     from distprop.nn import MLP
 
     hidden = [int(h) for h in args.hidden.split(",") if h]
     steps = min(args.steps, index.num_rows // args.batch_size - 1)
+    if steps < 1:
+        raise ConfigError(f"the step part needs at least 2 batches of {args.batch_size}; the dataset has "
+                          f"{index.num_rows} samples (raise --samples or lower --batch-size, or --steps 0)")
     features = int(np.prod(shape))
     dp.manual_seed(0)
     model = MLP(features, hidden, 10)

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from distprop.data.safe_pickle import load_data_pickle
+from distprop.data.storage import first_line
 from distprop.data.writer import check_same_length, write_dataset
 from distprop.errors import ConfigError, DataError
 
@@ -174,7 +175,7 @@ def convert_csv(path, out, *, label_column: str, feature_columns=None, shuffle: 
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{path}: not a readable CSV file ({str(error).strip().splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable CSV file ({first_line(error)})") from None
     names = table.column_names
     if label_column not in names:
         raise DataError(f"{path}: no column {label_column!r} (columns: {', '.join(names)})")

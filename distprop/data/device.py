@@ -5,7 +5,8 @@ non-blocking side stream, so the copy runs by DMA without waiting for the traini
 kernels queued on the consumer's stream. The loader calls `to_device` from its
 background thread and waits there for the copy to finish before handing the batch
 over, which keeps the consumer's stream free of cross-stream ordering concerns and
-lets each staging buffer be reused for the next batch.
+lets each staging buffer be reused for the next batch. Each copy first waits for
+the work already queued on the consumer's stream (see DeviceFeeder).
 
 cupy itself is reached only through `distprop.backend`.
 """
@@ -27,6 +28,10 @@ class DeviceFeeder:
     def __init__(self):
         self._cp = cupy_module()
         self.device_id = current_gpu_id()
+        # The stream the consumer computes on: the copies wait for the work queued there,
+        # since a batch the consumer dropped returns its memory to the pool while its
+        # kernels may still be reading it, and the next batch may be given that memory.
+        self._consumer_stream = self._cp.cuda.get_current_stream()
         self._stream = None
         self._staging: dict[str, np.ndarray] = {}
 
@@ -58,6 +63,7 @@ class DeviceFeeder:
                 if value.ctypes.data != pinned.ctypes.data:  # not assembled in place by the loader
                     np.copyto(pinned, value)
                 device_array = cp.empty(value.shape, value.dtype)
+                self._stream.wait_event(self._consumer_stream.record())  # recorded after the allocation
                 device_array.set(pinned, stream=self._stream)
                 out[name] = device_array
             self._stream.synchronize()

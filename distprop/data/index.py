@@ -1,10 +1,13 @@
 """The dataset index: files, their blocks and row counts, and one checked schema.
 
 Everything here comes from file footers (Parquet) or the IPC file's schema and
-record-batch headers, never from reading the data, so building the index costs the
-same on every rank whatever the dataset's size. A *block* is the unit read at once:
-a Parquet row group or an IPC record batch. Global row ``i`` is row ``i -
-block_starts[b]`` of the block ``b`` that holds it, blocks numbered in file order.
+record batches, so building the index costs the same on every rank. For Parquet and
+for uncompressed IPC files on a local disk (memory-mapped) no data is read; pyarrow
+has no way to count an IPC record batch's rows without loading it, so compressed
+IPC files are decompressed, and remote ones read, once here. A *block* is the unit
+read at once: a Parquet row group or an IPC record batch. Global row ``i`` is row
+``i - block_starts[b]`` of the block ``b`` that holds it, blocks numbered in file
+order.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distprop.data.format import ColumnSpec, column_spec
-from distprop.data.storage import Location, dataset_kind, list_dataset_files, open_input, resolve
+from distprop.data.storage import Location, dataset_kind, first_line, list_dataset_files, open_input, resolve
 from distprop.errors import ConfigError, DataError
 
 # columns=: None (all), a list of names, or {name: (dtype or None, shape or None)}
@@ -141,8 +144,7 @@ def _read_footer(location: Location) -> tuple[DataFile, pa.Schema, list[int]]:
             return DataFile(location, kind, None), reader.schema, rows
     except (pa.ArrowException, OSError, ValueError) as error:
         what = "Parquet" if kind == "parquet" else "Arrow IPC"
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{location.display}: not a readable {what} file ({text})") from None
+        raise DataError(f"{location.display}: not a readable {what} file ({first_line(error)})") from None
 
 
 def _select_columns(schema: pa.Schema, wanted: list[str] | None, where: str) -> dict[str, ColumnSpec]:

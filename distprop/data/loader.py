@@ -8,8 +8,10 @@ Pipeline for one epoch on one rank::
          applies the transform, copies to the GPU (device="gpu")
       -> bounded queue of `prefetch` batches  ->  the training loop
 
-Memory stays bounded by about ``2 * shuffle_window`` decoded blocks (row groups)
-plus the batches in the queue, whatever the dataset's size.
+Decoded data stays bounded by ``shuffle_window + max(num_workers, shuffle_window)``
+blocks (row groups) plus the batches in the queue, whatever the dataset's size.
+The schedule of the rank's epoch is built up front, though: about 8 bytes per
+sample of this rank's share, and time proportional to it before the first batch.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class ArrowLoader:
     ``drop_last=False``), and every rank yields exactly ``len(loader)`` batches:
 
     * ``drop_last=True``: ``len = N // (world_size * batch_size)``, all batches full.
-    * ``drop_last=False``: each rank gets ``ceil(N / world_size)`` samples (the last
-      rank's part wraps to the start of the epoch's order, repeating fewer than
-      `world_size` samples), so ``len = ceil(ceil(N / world_size) / batch_size)``;
+    * ``drop_last=False``: each rank gets ``ceil(N / world_size)`` samples (the
+      parts run past the end of the epoch's order into its start, so fewer than
+      `world_size` samples repeat, at the end of the last part(s)), so
+      ``len = ceil(ceil(N / world_size) / batch_size)``;
       the last batch may be partial and has the same size on every rank.
 
     Within a batch the samples are grouped by the row group they come from (one
@@ -198,13 +201,13 @@ class ArrowLoader:
 
     def check_consistent(self, comm) -> None:
         """Compare this loader with every rank's (`comm`: distprop's communicator, an
-        mpi4py one, or anything with ``allgather`` of Python objects). Raises the same DataError on every rank, so none
-        is left waiting, if the ranks see different datasets, seeds, epochs, world
-        sizes or batch counts, or the ranks are not exactly 0..world_size-1."""
-        mine = {"rank": self.rank, "fingerprint": self.fingerprint, "world_size": self.world_size,
-                "batches": len(self), "epoch": self._epoch, "seed": self.seed}
+        mpi4py one, or anything with ``allgather`` of Python objects). Raises the same
+        DataError on every rank, so none is left waiting, if the ranks see different
+        datasets, order settings (seed, shuffle, window), batch sizes, epochs or
+        positions in the epoch (a state restored on some ranks only would leave them
+        with fewer batches to go), or the ranks are not exactly 0..world_size-1."""
         gather = getattr(comm, "allgather_object", None) or comm.allgather  # distprop's or mpi4py's
-        everyone = gather(mine)
+        everyone = gather(self._consistency_record())
         ranks = sorted(entry["rank"] for entry in everyone)
         if ranks != list(range(self.world_size)) or len(everyone) != self.world_size:
             raise DataError(f"{self.index.location.display}: {len(everyone)} processes claim ranks {ranks} "
@@ -215,6 +218,14 @@ class ArrowLoader:
                 reference = {k: everyone[0][k] for k in differing}
                 raise DataError(f"{self.index.location.display}: rank {entry['rank']} has {differing} "
                                 f"but rank {everyone[0]['rank']} has {reference}")
+
+    def _consistency_record(self) -> dict:
+        """What `check_consistent` compares across ranks (all but "rank" must agree)."""
+        batches_left = len(self) if self._epoch_finished else self._plan().num_batches - self._batches_done
+        return {"rank": self.rank, "fingerprint": self.fingerprint, "world_size": self.world_size,
+                "batch_size": self.batch_size, "drop_last": self.drop_last, "shuffle": self.shuffle,
+                "shuffle_window": self.shuffle_window, "seed": self.seed, "batches": len(self),
+                "epoch": self._epoch, "batches_left": batches_left}
 
     # -- iteration ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from distprop.data.format import column_to_numpy
 from distprop.data.index import DatasetIndex
-from distprop.data.storage import open_input
+from distprop.data.storage import first_line, open_input
 from distprop.errors import DataError
 
 
@@ -43,8 +43,7 @@ class BlockReader:
         except DataError:
             raise
         except (pa.ArrowException, OSError, ValueError) as error:
-            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise DataError(f"{where}: cannot read ({text})") from None
+            raise DataError(f"{where}: cannot read ({first_line(error)})") from None
         if table.num_rows != block.num_rows:
             raise DataError(f"{where}: holds {table.num_rows} rows but its footer says {block.num_rows} "
                             "(was the file changed after the loader was built?)")

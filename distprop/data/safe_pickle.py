@@ -9,13 +9,28 @@ everything else before it is called.
 
 from __future__ import annotations
 
-import codecs
 import pickle
 
 import numpy as np
 
 _ARRAY_RECONSTRUCT = np.zeros(1).__reduce__()[0]     # numpy's _reconstruct (protocols 0-4)
 _ARRAY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # numpy's _frombuffer (protocol 5)
+
+
+def _latin1_bytes(text, encoding):
+    """Python 3 writes a bytes object in protocol 2 as ``_codecs.encode(text, "latin1")``.
+    Only that call is allowed: `codecs.encode` itself would let a file pick any codec
+    (zlib, bz2, ...) and feed it any object."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing _codecs.encode other than a string to latin1 bytes")
+    return text.encode("latin1")
+
+
+def _empty_bytes():
+    """Python 3 writes an empty bytes object in protocol 2 as ``bytes()``; no
+    arguments allowed (``bytes(n)`` would allocate whatever size the file asks)."""
+    return b""
+
 
 # (module, name) as written in the pickle -> the object it may resolve to. numpy 1
 # wrote "numpy.core", numpy 2 writes "numpy._core"; old files must keep loading.
@@ -26,8 +41,8 @@ _ALLOWED = {
     ("numpy._core.numeric", "_frombuffer"): _ARRAY_FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    # Python 3 writes bytes objects in protocol 2 as _codecs.encode(text, "latin1").
-    ("_codecs", "encode"): codecs.encode,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("__builtin__", "bytes"): _empty_bytes,  # protocol 2 names builtins as Python 2 did
 }
 
 

@@ -29,8 +29,10 @@ construction, like torch's DistributedSampler:
 * ``drop_last=True``: share = floor(N / (world_size * batch_size)) * batch_size,
   all batches full; the tail of S (fewer than world_size * batch_size samples, a
   different set every epoch) is skipped.
-* ``drop_last=False``: share = ceil(N / world_size); the last rank's part wraps
-  around to the start of S, repeating fewer than world_size samples. Batches are
+* ``drop_last=False``: share = ceil(N / world_size); the parts are cut from S
+  continued by its own start, so the last rank's part (or the last few ranks',
+  when shares are smaller than world_size) repeats fewer than world_size samples
+  from the start of S. Batches are
   full except the last one of the epoch, which is partial and has the *same*
   size on every rank (so a gradient average over ranks weighs samples equally).
 

@@ -49,15 +49,21 @@ def resolve(path_or_uri, filesystem: pafs.FileSystem | None = None) -> Location:
         try:
             filesystem, path = pafs.FileSystem.from_uri(display)
         except (pa.ArrowException, OSError, ValueError) as error:
-            raise DataError(f"{display}: cannot open this URI ({_first_line(error)})") from None
+            raise DataError(f"{display}: cannot open this URI ({first_line(error)})") from None
         return Location(filesystem, path, display)
     return Location(pafs.LocalFileSystem(), os.path.abspath(display), display)
+
+
+def _is_hidden(name: str) -> bool:
+    # Hidden files and directories, and the _SUCCESS, _common_metadata, _temporary/
+    # ... that Spark and Hadoop leave next to the data; pyarrow.dataset skips them too.
+    return name.startswith((".", "_"))
 
 
 def dataset_kind(path: str) -> str | None:
     """'parquet', 'ipc', or None for a file that is not part of a dataset."""
     name = path.rsplit("/", 1)[-1].lower()
-    if name.startswith((".", "_")):  # hidden files, _SUCCESS, _common_metadata, ...
+    if _is_hidden(name):
         return None
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
@@ -72,7 +78,7 @@ def list_dataset_files(location: Location) -> list[Location]:
     try:
         info = location.filesystem.get_file_info(location.path)
     except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{location.display}: cannot access ({_first_line(error)})") from None
+        raise DataError(f"{location.display}: cannot access ({first_line(error)})") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{location.display}: no such file or directory")
     if info.type == pafs.FileType.File:
@@ -81,13 +87,23 @@ def list_dataset_files(location: Location) -> list[Location]:
                             f"{', '.join(PARQUET_SUFFIXES + IPC_SUFFIXES)})")
         return [location]
     try:
-        entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+        paths = dataset_files_under(location)
     except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{location.display}: cannot list directory ({_first_line(error)})") from None
-    paths = sorted(e.path for e in entries if e.type == pafs.FileType.File and dataset_kind(e.path))
+        raise DataError(f"{location.display}: cannot list directory ({first_line(error)})") from None
     if not paths:
         raise DataError(f"{location.display}: directory holds no .parquet, .arrow or .feather files")
     return [location.child(p) for p in paths]
+
+
+def dataset_files_under(location: Location) -> list[str]:
+    """Paths of the dataset files in the directory at `location`, recursively and
+    sorted, leaving out those inside hidden or underscore directories (a notebook's
+    .ipynb_checkpoints/ copy, Spark's _temporary/) so they are not read as data."""
+    entries = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    root = location.path.rstrip("/")
+    return sorted(e.path for e in entries
+                  if e.type == pafs.FileType.File and dataset_kind(e.path)
+                  and not any(_is_hidden(part) for part in e.path[len(root):].split("/")[:-1]))
 
 
 def open_input(location: Location, memory_map: bool = False):
@@ -101,6 +117,8 @@ def open_input(location: Location, memory_map: bool = False):
     return location.filesystem.open_input_file(location.path)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for
+    one-line DataErrors."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -25,6 +25,10 @@ def write_synthetic(out, samples: int, *, shape=(3, 32, 32), classes: int = 10, 
     if samples < 1 or classes < 2 or not shape or min(shape) < 1:
         raise ConfigError(f"need samples >= 1, classes >= 2 and a non-empty positive shape "
                          f"(got samples={samples}, classes={classes}, shape={shape})")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"dtype {dtype!r} is not a numpy dtype") from None
     features = int(np.prod(shape))
     teacher = (np.random.default_rng([seed, 0]).standard_normal((features, classes))
                / np.sqrt(features)).astype(np.float32)

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distprop.data.format import SHAPE_KEY, arrow_column
-from distprop.data.storage import Location, dataset_kind, resolve
+from distprop.data.storage import Location, dataset_files_under, resolve
 from distprop.errors import ConfigError, DataError
 
 PARQUET_COMPRESSIONS = ("none", "snappy", "zstd", "lz4", "gzip", "brotli")
@@ -204,8 +204,7 @@ def _prepare_directory(location: Location, overwrite: bool) -> None:
     if info.type == pafs.FileType.File:
         raise DataError(f"{location.display}: is a file; a dataset is written as a directory")
     if info.type == pafs.FileType.Directory:
-        existing = [e.path for e in filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
-                    if e.type == pafs.FileType.File and dataset_kind(e.path)]
+        existing = dataset_files_under(location)  # the files a loader would read
         if existing and not overwrite:
             raise DataError(f"{location.display}: already holds a dataset ({len(existing)} files); "
                             "pass overwrite=True (--overwrite) to replace it")
