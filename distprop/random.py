@@ -26,20 +26,36 @@ def default_generator() -> np.random.Generator:
 
 
 def uniform(shape, low=0.0, high=1.0, dtype=np.float32, device=None, generator=None):
-    """An array of uniform draws in [low, high) on `device` ('cpu' or 'gpu')."""
+    """An array of uniform draws in [low, high) on `device` ('cpu' or 'gpu'). The draws
+    are float64 rounded to `dtype`, so a float32 one can round up to `high` itself."""
     generator = generator or _default
     if normalize_device(device) == "gpu":
-        cp = cupy_module()
-        gpu_rng = cp.random.default_rng(int(generator.integers(2**63)))
-        return (gpu_rng.random(shape, dtype=np.float64) * (high - low) + low).astype(dtype)
-    return (generator.random(shape) * (high - low) + low).astype(dtype, copy=False)
+        draws = _gpu_generator(generator).random(shape, dtype=np.float64)
+    else:
+        draws = generator.random(shape)
+    return _scaled(draws, high - low, low, dtype)
 
 
 def normal(shape, mean=0.0, std=1.0, dtype=np.float32, device=None, generator=None):
     """An array of normal draws on `device`."""
     generator = generator or _default
     if normalize_device(device) == "gpu":
-        cp = cupy_module()
-        gpu_rng = cp.random.default_rng(int(generator.integers(2**63)))
-        return (gpu_rng.standard_normal(shape, dtype=np.float64) * std + mean).astype(dtype)
-    return (generator.standard_normal(shape) * std + mean).astype(dtype, copy=False)
+        draws = _gpu_generator(generator).standard_normal(shape, dtype=np.float64)
+    else:
+        draws = generator.standard_normal(shape)
+    return _scaled(draws, std, mean, dtype)
+
+
+def _gpu_generator(generator: np.random.Generator):
+    """A cupy Generator seeded from `generator` (one draw from it)."""
+    return cupy_module().random.default_rng(int(generator.integers(2**63)))
+
+
+def _scaled(draws, scale, shift, dtype):
+    """draws * scale + shift in `dtype`: in place on the fresh float64 draws (the same
+    numbers as out of place, without two more temporaries the size of the draws)."""
+    if scale != 1:
+        draws *= scale
+    if shift != 0:
+        draws += shift
+    return draws.astype(dtype, copy=False)

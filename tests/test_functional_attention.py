@@ -51,6 +51,15 @@ def test_float_mask_matches_torch_and_is_differentiable(device, mask_shape):
                        *_qkv(), mask, device=device)
 
 
+def test_float64_mask_keeps_float32_attention_float32(device):
+    q, k, v = (dp.tensor(to_device(a.astype(np.float32), device), requires_grad=True) for a in _qkv(seed=10))
+    for mask in (np.zeros((4, 6)), dp.tensor(to_device(np.zeros((4, 6)), device), requires_grad=True)):
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y.sum().backward()
+        assert y.dtype == np.float32 and q.grad.dtype == k.grad.dtype == v.grad.dtype == np.float32
+    assert mask.grad.dtype == np.float64  # a Tensor mask gets its gradient in its own dtype
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}])
 def test_attention_gradients(device, kwargs):
     check_grad(lambda *t: F.scaled_dot_product_attention(*t, **kwargs), *_qkv(seed=3), device=device)

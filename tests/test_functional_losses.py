@@ -118,3 +118,19 @@ def test_mse_loss_gradients(device):
     check_grad(F.mse_loss, rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), device=device)
     check_grad(lambda x, t: F.mse_loss(x, t, reduction="none"), rng.standard_normal((3, 4)),
                rng.standard_normal(4), device=device)
+
+
+@pytest.mark.parametrize("shapes", CASES[:3])
+def test_cross_entropy_backward_twice_through_a_retained_graph(device, shapes):
+    # backward turns the saved softmax into the gradient in place: a second pass
+    # must not start from the first pass's gradient.
+    rng = np.random.default_rng(5)
+    logits_shape, target_shape = shapes
+    targets = to_device(_targets(rng, target_shape, logits_shape[1]), device)
+    z = dp.tensor(to_device(rng.standard_normal(logits_shape), device), requires_grad=True)
+    loss = F.cross_entropy(z * 1.0, targets, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    first = to_numpy(z.grad).copy()
+    z.grad = None
+    loss.backward()
+    np.testing.assert_allclose(to_numpy(z.grad), first, rtol=1e-12)

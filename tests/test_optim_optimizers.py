@@ -233,6 +233,10 @@ def test_invalid_arguments():
         optim.SGD([params[0], params[0]], lr=0.1)
     with pytest.raises(ValueError, match="more than once"):
         optim.SGD([{"params": params[:2]}, {"params": params[1:]}], lr=0.1)
+    with pytest.raises(TypeError, match="not a set"):  # its order differs between processes
+        optim.SGD(set(params), lr=0.1)
+    with pytest.raises(TypeError, match="not a set"):
+        optim.SGD([{"params": frozenset(params)}], lr=0.1)
     with pytest.raises(ValueError, match="Nesterov"):
         optim.SGD(params, lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="betas"):

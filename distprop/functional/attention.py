@@ -7,6 +7,7 @@ import math
 from distprop import random
 from distprop.autograd import Function, Tensor
 from distprop.backend import device_of, get_array_module
+from distprop.functional import shapes
 from distprop.functional.broadcast import sum_to
 
 
@@ -100,9 +101,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         allowed = xp.tril(xp.ones((length, source), dtype=bool))
     elif attn_mask is not None:
         raw = attn_mask.data if isinstance(attn_mask, Tensor) else xp.asarray(attn_mask)
+        # A float mask is cast to the query's dtype (differentiably for a Tensor), so
+        # that a float64 mask cannot turn float32 attention and q/k/v's gradients float64.
         if raw.dtype == bool:
             allowed = raw
+        elif isinstance(attn_mask, Tensor):
+            float_mask = (shapes.to(attn_mask, dtype=query.dtype),)
         else:
-            float_mask = (attn_mask,)
+            float_mask = (raw.astype(query.dtype, copy=False),)
     function = ScaledDotProductAttention(scale, allowed, dropout_p, generator)
     return function(query, key, value, *float_mask)

@@ -31,7 +31,7 @@ class Linear(Function):
         if needs[1] or (len(needs) > 2 and needs[2]):
             gy2 = gy.reshape(-1, gy.shape[-1])
             if needs[1]:  # straight into the weight's gradient buffer where it has one
-                out = self.grad_out.get(1) if hasattr(self, "grad_out") else None
+                out = getattr(self, "grad_out", {}).get(1)
                 gw = get_array_module(gy).matmul(gy2.T, self.x.reshape(-1, self.x.shape[-1]), out=out)
             if len(needs) > 2 and needs[2]:
                 gb = gy2.sum(axis=0)

@@ -14,6 +14,19 @@ def _check_reduction(reduction):
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _as_rows(xp, logits):
+    """(N, C, d1, ...) logits as rows of (N * d1 * ..., C), classes last; (N, C) as it is."""
+    if logits.ndim > 2:
+        return xp.moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
+    return logits
+
+
+def _softmax_rows(xp, rows):
+    e = xp.exp(rows - rows.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
 class CrossEntropy(Function):
     """Softmax and negative log-likelihood fused: one pass forward, and the
     gradient is (softmax - smoothed one-hot) / count with no intermediate graph.
@@ -28,11 +41,8 @@ class CrossEntropy(Function):
 
     def forward(self, logits):
         xp = get_array_module(logits)
-        if logits.ndim > 2:  # classes on axis 1 -> rows of (N * d1 * ..., C)
-            self.spatial_shape = (logits.shape[0],) + logits.shape[2:]
-            logits = xp.moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
-        else:
-            self.spatial_shape = None
+        self.spatial_shape = (logits.shape[0],) + logits.shape[2:] if logits.ndim > 2 else None
+        logits = _as_rows(xp, logits)
         targets = self.targets.reshape(-1)
         n, c = logits.shape
         if targets.shape[0] != n:
@@ -43,15 +53,16 @@ class CrossEntropy(Function):
             raise IndexError(f"cross_entropy: target class out of range [0, {c})")
 
         shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = xp.exp(shifted)
-        sum_exp = exp.sum(axis=1, keepdims=True)
-        log_z = xp.log(sum_exp)
         rows = xp.arange(n)
-        losses = log_z[:, 0] - shifted[rows, safe_targets]
+        picked = shifted[rows, safe_targets]
+        mean_shifted = shifted.mean(axis=1) if self.smoothing else None
+        exp = xp.exp(shifted, out=shifted)  # shifted is done with: one (N, C) array less
+        sum_exp = exp.sum(axis=1, keepdims=True)
+        log_z = xp.log(sum_exp)[:, 0]
+        losses = log_z - picked
         if self.smoothing:
             # -mean_c log p_c = log Z - mean_c shifted_c
-            uniform = log_z[:, 0] - shifted.mean(axis=1)
-            losses = (1 - self.smoothing) * losses + self.smoothing * uniform
+            losses = (1 - self.smoothing) * losses + self.smoothing * (log_z - mean_shifted)
         losses = xp.where(valid, losses, 0).astype(logits.dtype, copy=False)
 
         if self.needs_input_grad[0]:
@@ -68,7 +79,12 @@ class CrossEntropy(Function):
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        g = self.softmax  # ours alone: turned into the gradient in place
+        # The saved softmax is ours alone and becomes the gradient in place (it is
+        # handed on as the logits' gradient, so the op lets go of it). A second
+        # backward through a retained graph finds it gone and recomputes it.
+        g, self.softmax = self.softmax, None
+        if g is None:
+            g = _softmax_rows(xp, _as_rows(xp, self.inputs[0].data))
         n, c = g.shape
         if self.smoothing:
             g -= self.smoothing / c

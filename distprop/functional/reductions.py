@@ -71,8 +71,9 @@ class Max(Function):
     def backward(self, gy):
         g = _expand_back(gy, self.axes, self.keepdims, self.x.shape)
         mask = self.x == self.y
-        count = mask.sum(axis=self.axes, keepdims=True)
-        return ((mask * (g / count)).astype(gy.dtype, copy=False),)
+        # The count in gy's dtype: an integer count would make g / count float64.
+        count = mask.sum(axis=self.axes, keepdims=True, dtype=gy.dtype)
+        return (mask * (g / count),)
 
 
 def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - numpy's name

@@ -49,18 +49,22 @@ class Sigmoid(Module):
         return F.sigmoid(x)
 
 
-class Softmax(Module):
+class _AlongDim(Module):
+    """A layer applied along one axis `dim` (softmax and log-softmax)."""
+
     def __init__(self, dim: int = -1):
         super().__init__()
         self.dim = dim
-
-    def forward(self, x):
-        return F.softmax(x, self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
 
-class LogSoftmax(Softmax):
+class Softmax(_AlongDim):
+    def forward(self, x):
+        return F.softmax(x, self.dim)
+
+
+class LogSoftmax(_AlongDim):  # not a Softmax: isinstance(m, Softmax) must not match it
     def forward(self, x):
         return F.log_softmax(x, self.dim)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import distprop.functional as F
+from distprop.functional.conv import as_pair
 from distprop.nn import init
 from distprop.nn.module import Module
 from distprop.nn.parameter import Parameter, filled_array
-
-
-def _pair(value) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
 class Conv2d(Module):
@@ -25,8 +22,9 @@ class Conv2d(Module):
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} "
                              f"and out_channels={out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.kernel_size = as_pair(kernel_size, "Conv2d: kernel_size")
+        self.stride, self.dilation = as_pair(stride, "Conv2d: stride"), as_pair(dilation, "Conv2d: dilation")
+        self.padding = padding if isinstance(padding, str) else as_pair(padding, "Conv2d: padding")
         self.groups = groups
         shape = (out_channels, in_channels // groups) + self.kernel_size
         self.weight = Parameter(filled_array(shape, dtype=dtype, device=device))

@@ -108,15 +108,7 @@ class MultiheadAttention(Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
 
 
-def _relu(x):
-    return F.relu(x)
-
-
-def _gelu(x):
-    return F.gelu(x)
-
-
-_ACTIVATIONS = {"relu": _relu, "gelu": _gelu}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 class TransformerEncoderLayer(Module):

@@ -26,7 +26,7 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
-        groups = [params] if isinstance(params, Tensor) else list(params)
+        groups = [params] if isinstance(params, Tensor) else list(_ordered(params, "params"))
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
         if not isinstance(groups[0], dict):
@@ -39,7 +39,7 @@ class Optimizer:
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        params = [params] if isinstance(params, Tensor) else list(_ordered(params, "a param group's 'params'"))
         for position, param in enumerate(params):
             if not isinstance(param, Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, got {type(param).__name__} "
@@ -118,6 +118,9 @@ class Optimizer:
             index_of_saved.update((int(saved_index), pair) for saved_index, pair in zip(saved["params"], indexed))
         state = {}
         for saved_index, entry in state_dict["state"].items():
+            if int(saved_index) not in index_of_saved:
+                raise ValueError(f"loaded state dict has state for parameter {saved_index}, "
+                                 "which none of its parameter groups lists")
             index, param = index_of_saved[int(saved_index)]
             state[index] = {name: _state_value(name, value, param, index) for name, value in entry.items()}
         for group, saved in zip(self.param_groups, saved_groups):
@@ -130,6 +133,15 @@ class Optimizer:
             lines.append(f"Parameter Group {number}")
             lines.extend(f"    {name}: {value}" for name, value in group.items() if name != "params")
         return "\n".join(lines) + "\n)"
+
+
+def _ordered(params, what: str):
+    """params itself, unless it is a set: a set's order (by object id) differs between
+    processes, and state indices, state_dict and every rank's update order follow it."""
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"optimizer {what} must be an ordered collection (a list, or "
+                        "model.parameters()), not a set: its order differs between processes")
+    return params
 
 
 def _state_value(name: str, value, param: Tensor, index: int):

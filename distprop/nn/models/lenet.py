@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from distprop.functional.conv import as_pair
 from distprop.nn.activation import ReLU
 from distprop.nn.container import Sequential
 from distprop.nn.conv import Conv2d
@@ -12,10 +13,6 @@ from distprop.nn.flatten import Flatten
 from distprop.nn.linear import Linear
 from distprop.nn.module import Module
 from distprop.nn.pooling import MaxPool2d
-
-
-def _size_pair(size) -> tuple[int, int]:
-    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
 class LeNet(Module):
@@ -32,7 +29,7 @@ class LeNet(Module):
                  channels: Sequence[int] = (6, 16), hidden_sizes: Sequence[int] = (120, 84),
                  dropout: float = 0.0):
         super().__init__()
-        height, width = _size_pair(input_size)
+        height, width = as_pair(input_size, "LeNet: input_size")
         height, width = height // 2, width // 2  # conv1 keeps the size, the pool halves it
         valid_fits = min(height, width) - 4 >= 4
         padding = 0 if valid_fits else 2
