@@ -15,6 +15,7 @@ rest of the walk continues (the data-parallel reducer starts communication there
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable
 
@@ -43,12 +44,11 @@ class _GradMode:
         _mode.enabled = self.previous
 
     def __call__(self, function):
+        @functools.wraps(function)
         def wrapper(*args, **kwargs):
             with _GradMode(self.enabled):
                 return function(*args, **kwargs)
 
-        wrapper.__name__ = getattr(function, "__name__", "wrapper")
-        wrapper.__doc__ = getattr(function, "__doc__", None)
         return wrapper
 
 
@@ -335,15 +335,17 @@ class Function:
 _backward_pass = threading.local()
 
 
-def queue_callback(callback: Callable[[], None]) -> None:
+def queue_callback(callback: Callable[[], None], on_failure: Callable[[], None] | None = None) -> None:
     """Run `callback()` once the backward walk in progress has finished, before
     `backward()` returns. Only callable from inside a backward pass (an op's
     backward or a hook): the data-parallel reducer uses it to wait for its
-    allreduces and to reduce the gradients no op produced."""
+    allreduces and to reduce the gradients no op produced. If the pass raises
+    before `callback` runs, `on_failure()` runs instead (the reducer then winds
+    down its half-done pass, so that the next one starts afresh)."""
     callbacks = getattr(_backward_pass, "callbacks", None)
     if callbacks is None:
         raise RuntimeError("queue_callback() called outside of a backward pass")
-    callbacks.append(callback)
+    callbacks.append((callback, on_failure))
 
 
 def _is_fresh(array) -> bool:
@@ -386,7 +388,13 @@ def backward(root: Tensor, grad=None, retain_graph: bool = False) -> None:
         else:
             _walk(root, grad, retain_graph)
         while callbacks:  # a callback may queue another
-            callbacks.pop(0)()
+            callback, _ = callbacks.pop(0)
+            callback()
+    except BaseException:
+        for _, on_failure in callbacks:  # those that will not run now
+            if on_failure is not None:
+                on_failure()
+        raise
     finally:
         _backward_pass.callbacks = outer_callbacks
 
@@ -423,6 +431,8 @@ def _walk(root: Tensor, grad, retain_graph: bool) -> None:
         grad_out = _gradient_destinations(inputs, needs, pending)
         if grad_out:
             fn.grad_out = grad_out
+        elif "grad_out" in fn.__dict__:  # left by an earlier walk of a retained graph: stale
+            del fn.grad_out
         gxs = fn.backward(gy) if gy is not None else (None,) * len(inputs)
         if not retain_graph:
             fn._release()
@@ -433,6 +443,8 @@ def _walk(root: Tensor, grad, retain_graph: bool) -> None:
                 if isinstance(gx, np.generic):
                     gx = np.asarray(gx)
                 _check_grad(fn, index, t, gx)
+                if gx.dtype != t.dtype:  # e.g. float32 + float64: each input gets its own dtype back, as in PyTorch
+                    gx = gx.astype(t.dtype)
                 shared = sum(g is gx for g in gxs) > 1
                 if grad_out and gx is grad_out.get(index):
                     owned = True  # written where the leaf asked: it becomes .grad as is
@@ -461,10 +473,17 @@ def _gradient_destinations(inputs, needs, pending):
     destinations = None
     for index, t in enumerate(inputs):
         if (needs[index] and t.grad_buffer is not None and t.creator is None and t.grad is None
-                and pending.get(id(t)) == 1):
+                and pending.get(id(t)) == 1 and _fits(t.grad_buffer, t.data)):
             destinations = destinations or {}
             destinations[index] = t.grad_buffer
     return destinations
+
+
+def _fits(buffer, data) -> bool:
+    """Whether `buffer` can hold data's gradient: not once the leaf was moved or cast
+    after the buffer was made (the op then returns a fresh array, and the buffer's
+    owner sees the mismatch)."""
+    return type(buffer) is type(data) and buffer.shape == data.shape and buffer.dtype == data.dtype
 
 
 def _accumulate(slot, gx, owned):

@@ -204,3 +204,47 @@ def test_grad_buffer_is_ignored_when_several_ops_contribute(device):
     reference = make(to_numpy(w.data).copy(), device)
     (F.linear(x, reference).sum() + (reference * 2).sum()).backward()
     np.testing.assert_allclose(to_numpy(w.grad), to_numpy(reference.grad), rtol=1e-12)
+
+
+def test_retained_graph_walked_again_accumulates_despite_the_grad_buffer(device):
+    x = make(np.ones((4, 3)), device, requires_grad=False)
+    w = make(np.ones((2, 3)), device)
+    w.grad_buffer = dp.tensor(to_device(np.zeros((2, 3)), device)).data
+    y = F.linear(x, w).sum()
+    y.backward(retain_graph=True)  # written into the buffer: 4 everywhere
+    y.backward(to_device(np.array(3.0), device))  # no buffer offered now: must not write there
+    np.testing.assert_array_equal(to_numpy(w.grad), np.full((2, 3), 4.0 + 12.0))
+
+
+def test_a_grad_buffer_that_no_longer_fits_the_leaf_is_ignored(device):
+    x = make(np.ones((4, 3)), device, requires_grad=False)
+    w = make(np.ones((2, 3)), device)
+    w.grad_buffer = dp.tensor(to_device(np.zeros((2, 3), np.float32), device)).data  # w is float64
+    F.linear(x, w).sum().backward()
+    assert w.grad.dtype == np.float64 and w.grad is not w.grad_buffer
+    np.testing.assert_array_equal(to_numpy(w.grad), np.full((2, 3), 4.0))
+
+
+def test_each_input_gets_a_gradient_of_its_own_dtype(device):
+    a = dp.tensor(to_device(np.ones(3, np.float32), device), requires_grad=True)
+    b = make(np.ones(3), device)  # float64
+    (a + b).sum().backward()
+    assert a.grad.dtype == np.float32 and b.grad.dtype == np.float64
+
+
+def test_a_pass_that_raises_calls_on_failure_instead_of_the_callback(device):
+    from distprop.autograd import Function, queue_callback
+
+    calls = []
+
+    class Fails(Function):
+        def forward(self, x):
+            return x
+
+        def backward(self, gy):
+            queue_callback(lambda: calls.append("done"), on_failure=lambda: calls.append("failed"))
+            raise FloatingPointError("deliberate")
+
+    with pytest.raises(FloatingPointError):
+        Fails()(make(np.ones(2), device)).sum().backward()
+    assert calls == ["failed"]

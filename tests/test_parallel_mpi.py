@@ -295,3 +295,176 @@ def test_sync_batchnorm_running_statistics_are_those_of_the_global_batch(comm):
           and np.allclose(ours.running_var, reference.running_var, rtol=1e-12)
           and np.allclose(y.data, y_ref.data[comm.rank * share:(comm.rank + 1) * share], rtol=1e-10, atol=1e-12))
     agree(comm, ok, "SyncBatchNorm statistics differ from one process on the whole batch")
+
+
+def test_ranks_that_differ_only_in_requires_grad_raise_on_every_rank(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    net = nn.Sequential(nn.Linear(3, 2))
+    net[0].weight.requires_grad = comm.rank == 0  # the buckets would differ: a hang or wrong means
+    with pytest.raises(ModelMismatchError, match="'0.weight' with requires_grad=False, rank 0 with True"):
+        DataParallel(net, comm)
+
+
+@pytest.mark.parametrize("transport", ["shm", "thread", "iallreduce"])
+def test_frozen_zero_size_and_mixed_dtype_parameters(comm, transport):
+    bag = ParamBag([(3,), (0,), (4,), (2, 0), (5,)], np.float64)
+    bag.p2.data = bag.p2.data.astype(np.float32)
+    bag.p4.requires_grad = False
+    model = DataParallel(bag, comm, bucket_mb=1, transport=transport)
+    try:
+        for _ in range(2):
+            bag.zero_grad()
+            model(float(comm.rank)).backward()
+            p0, p1, p2, p3, p4 = bag.parameters()
+            expected = (comm.size - 1) / 2
+            ok = (p4.grad is None and p2.grad.dtype == np.float32 and p1.grad.shape == (0,)
+                  and p3.grad.shape == (2, 0) and np.all(p0.grad == expected) and np.all(p2.grad == expected))
+            agree(comm, ok, f"grads {[None if p.grad is None else (p.grad.dtype, p.grad) for p in bag.parameters()]}")
+    finally:
+        model.close()
+
+
+def test_a_model_cast_after_wrapping_fails_clearly(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks (one rank has no reducer)")
+    net = nn.Sequential(nn.Linear(4, 3))
+    model = DataParallel(net, comm, transport="thread")
+    try:
+        net.to(np.float64)  # its gradient buffers were laid out for float32
+        with pytest.raises(RuntimeError, match="parameter '0.(weight|bias)' is now float64"):
+            model(dp.tensor(np.ones((2, 4)))).sum().backward()
+    finally:
+        model.close()
+
+
+def test_namedtuple_outputs_keep_their_type(comm):
+    import collections
+
+    Out = collections.namedtuple("Out", "logits doubled")
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return Out(y, y * 2)
+
+    model = DataParallel(Two(), comm)
+    try:
+        out = model(dp.tensor(np.ones((2, 3), np.float32)))
+        agree(comm, isinstance(out, Out), f"got {type(out).__name__}")
+        (out.logits.sum() + out.doubled.sum()).backward()
+    finally:
+        model.close()
+
+
+def test_iallreduce_keeps_no_completed_requests_between_steps(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks (one rank has no reducer)")
+    bag = ParamBag([(3,)] * 4, np.float64)
+    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5, transport="iallreduce")
+    try:
+        for _ in range(10):
+            model(1.0).backward()
+        pending = len(model.reducer.transport._pending)
+        agree(comm, pending <= len(model.reducer.buckets), f"{pending} requests kept after 10 steps")
+    finally:
+        model.close()
+
+
+def test_closing_one_of_two_wrappers_leaves_the_other_working(comm):
+    bag = ParamBag([(3,), (4,)], np.float64)
+    first, second = DataParallel(bag, comm, transport="thread"), DataParallel(bag, comm, transport="thread")
+    try:
+        first.close()
+        bag.zero_grad()
+        second(float(comm.rank)).backward()
+        expected = (comm.size - 1) / 2
+        ok = all(np.all(p.grad == expected) for p in bag.parameters())
+        if second.reducer is not None:  # its buckets still receive the gradients directly
+            ok = ok and all(p.grad_buffer is not None for p in bag.parameters())
+        agree(comm, ok, f"grads {[p.grad for p in bag.parameters()]}")
+    finally:
+        second.close()
+
+
+def test_mean_of_integers_is_a_float(comm):
+    mean = comm.allreduce(comm.rank, "mean")
+    array = comm.allreduce(np.array([comm.rank, 1]), "mean")
+    with pytest.raises(TypeError, match="floating-point"):
+        comm.allreduce_(np.array([1, 2]), "mean")
+    agree(comm, mean == (comm.size - 1) / 2 and array.tolist() == [(comm.size - 1) / 2, 1.0], f"{mean} {array}")
+
+
+def test_a_failed_shared_memory_reservation_leaves_no_file(monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    from distprop.parallel import shm
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with tempfile.TemporaryDirectory() as directory:  # not tmp_path: ranks would race over its cleanup
+        path = os.path.join(directory, "segment")
+        error = shm._reserve(path, 1 << 20)
+        assert "cannot reserve 1048576 bytes" in error and "No space left" in error
+        assert not os.path.exists(path)
+
+
+def test_shared_memory_that_cannot_be_had_fails_everywhere_or_falls_back(comm, monkeypatch):
+    if comm.size == 1 or comm.local_size == 1:
+        pytest.skip("needs ranks that share a node")
+    from distprop.parallel import shm
+
+    monkeypatch.setattr(shm, "_reserve", lambda path, nbytes: f"cannot reserve {nbytes} bytes: simulated")
+    bag = ParamBag([(3,), (4,)], np.float64)
+    with pytest.raises(OSError, match="shared-memory transport: rank 0: cannot reserve .* simulated"):
+        DataParallel(bag, comm, transport="shm")
+    model = DataParallel(bag, comm)  # chosen automatically: every rank falls back alike
+    try:
+        agree(comm, model.reducer.transport.name == "thread", model.reducer.transport.name)
+        model(float(comm.rank)).backward()
+        agree(comm, all(np.all(p.grad == (comm.size - 1) / 2) for p in bag.parameters()), "mean")
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "thread", "iallreduce"])
+def test_a_backward_that_raised_everywhere_leaves_the_next_step_averaged(comm, transport):
+    from distprop.autograd import Function
+
+    class Fails(Function):
+        def forward(self, x):
+            return x
+
+        def backward(self, gy):
+            raise FloatingPointError("deliberate, on every rank")
+
+    bag = ParamBag([(3,), (4,), (5,)], np.float64)
+    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5, transport=transport)
+    try:
+        p0, p1, p2 = bag.parameters()
+        started = []
+        if model.reducer is not None:
+            transport = model.reducer.transport
+            start = transport.start
+            transport.start = lambda bucket: started.append(bucket.index) or start(bucket)
+        out = model(1.0, use={1, 2})
+        with pytest.raises(FloatingPointError):
+            # The walk goes depth first from the last input: the model's branch runs
+            # first, so the buckets of p2 and p1 start before the failure on p0's path.
+            (Fails()((p0 * 1.0).sum()) + out).backward()
+        agree(comm, model.reducer is None or started == [0, 1], f"buckets started before the failure: {started}")
+        bag.zero_grad()
+        model(float(comm.rank)).backward()
+        expected = (comm.size - 1) / 2
+        agree(comm, all(np.all(p.grad == expected) for p in bag.parameters()),
+              f"grads after a failed pass {[p.grad for p in bag.parameters()]}")
+    finally:
+        model.close()

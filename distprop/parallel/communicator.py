@@ -4,7 +4,9 @@
 implements it with mpi4py (host buffers directly; GPU buffers through NCCL where
 present, else staged through host memory). `SingleProcessCommunicator` is the
 size-1 case with no MPI at all. Every collective is announced to the watchdog
-(when one is attached), so a collective that never completes is reported by name.
+(when one is attached), so a collective that never completes is reported by name
+-- except NCCL's, which the watchdog sees only while they are queued: they run
+later, on the GPU, and a hang there shows up at the next synchronisation.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from distprop.parallel.compression import mpi_bf16_sum_op
 _OPS = ("sum", "mean", "max", "min", "bf16_sum")
 
 
-def _check_op(op: str) -> None:
+def _check_op(op: str, array=None) -> None:
     if op not in _OPS:
         raise ValueError(f"reduction op must be one of {_OPS}, got {op!r}")
+    if op == "mean" and array is not None and array.dtype.kind not in "fc":
+        raise TypeError(f"an in-place 'mean' needs a floating-point array, got {array.dtype} "
+                        "(allreduce(value, 'mean') returns a float copy)")
 
 
 class Communicator:
@@ -71,17 +76,23 @@ class Communicator:
         """End every process of the job now."""
         raise SystemExit(code)
 
+    def free(self) -> None:
+        """Release a communicator made by `dup()` (MPI has a limited number of them)."""
+
     # ---- conveniences built on the primitives above -------------------------
     def allreduce(self, value, op: str = "sum"):
         """The reduction of a number or array over all ranks (a new value; the input
         is untouched). Python numbers come back as Python floats/ints."""
         _check_op(op)
         if isinstance(value, (int, float, np.integer, np.floating)):
-            array = np.array([value], dtype=np.float64 if isinstance(value, (float, np.floating)) else np.int64)
+            exact = isinstance(value, (int, np.integer)) and op != "mean"
+            array = np.array([value], dtype=np.int64 if exact else np.float64)
             self.allreduce_(array, op)
             return array[0].item()
         xp = get_array_module(value)
         array = xp.array(value, copy=True)
+        if op == "mean" and array.dtype.kind not in "fc":
+            array = array.astype(np.float64)
         self.allreduce_(array, op)
         return array
 
@@ -93,7 +104,7 @@ class SingleProcessCommunicator(Communicator):
     """One process, no MPI: every collective is the identity."""
 
     def allreduce_(self, array, op="sum"):
-        _check_op(op)
+        _check_op(op, array)
         return array
 
     def bcast_(self, array, root=0):
@@ -135,7 +146,7 @@ class MPICommunicator(Communicator):
         self._mpi_ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     def allreduce_(self, array, op="sum"):
-        _check_op(op)
+        _check_op(op, array)
         if is_gpu_array(array):
             return self._allreduce_gpu_(array, op)
         if not array.flags.c_contiguous:
@@ -202,10 +213,15 @@ class MPICommunicator(Communicator):
         twin = MPICommunicator.__new__(MPICommunicator)
         twin.__dict__.update(self.__dict__)
         twin.mpi_comm = self.mpi_comm.Dup()
+        twin._made_by_dup = True
         return twin
 
     def abort(self, code=1):
         self.mpi_comm.Abort(code)
+
+    def free(self):
+        if self.__dict__.pop("_made_by_dup", False):  # never the job's own communicator
+            self.mpi_comm.Free()
 
     def __repr__(self):
         return (f"MPICommunicator(rank={self.rank}, size={self.size}, "

@@ -41,8 +41,9 @@ class DataParallel(Module):
     """Wrap `module` so that backward averages its gradients over all ranks.
 
     At construction every rank checks that all ranks hold the same structure
-    (names, shapes, dtypes, in order) -- a mismatch raises ModelMismatchError on
-    every rank -- and then takes rank 0's parameters and buffers.
+    (names, shapes, dtypes, devices and requires_grad, in order) -- a mismatch
+    raises ModelMismatchError on every rank -- and then takes rank 0's parameters
+    and buffers. Move or cast the model before wrapping it.
 
     bucket_mb: gradients are packed into buckets of at most this size; each bucket's
         allreduce starts as soon as its gradients are final (the first bucket holds
@@ -148,6 +149,8 @@ class DataParallel(Module):
 def _wrap_outputs(outputs, reducer):
     if isinstance(outputs, Tensor):
         return _SyncPoint(reducer)(outputs) if outputs.requires_grad else outputs
+    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):  # a namedtuple takes fields one by one
+        return type(outputs)(*(_wrap_outputs(o, reducer) for o in outputs))
     if isinstance(outputs, (tuple, list)):
         return type(outputs)(_wrap_outputs(o, reducer) for o in outputs)
     if isinstance(outputs, dict):
@@ -159,9 +162,12 @@ def _host(array):
     return array.get() if device_of(array) == "gpu" else array
 
 
-def _structure(module: Module) -> list[tuple[str, str, tuple, str]]:
-    entries = [("parameter", n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
-    entries += [("buffer", n, tuple(b.shape), str(b.dtype)) for n, b in module.named_buffers()]
+def _structure(module: Module) -> list[tuple]:
+    """(kind, name, shape, dtype, device, requires_grad): what decides the buckets and
+    the transport, which every rank must lay out alike."""
+    entries = [("parameter", n, tuple(p.shape), str(p.dtype), device_of(p.data), p.requires_grad)
+               for n, p in module.named_parameters()]
+    entries += [("buffer", n, tuple(b.shape), str(b.dtype), device_of(b), None) for n, b in module.named_buffers()]
     return entries
 
 
@@ -184,11 +190,15 @@ def _check_same_structure(module: Module, comm) -> None:
 def _first_difference(reference, other) -> str | None:
     for ours, theirs in zip(reference, other):
         if ours != theirs:
-            kind, name, shape, dtype = theirs
-            r_kind, r_name, r_shape, r_dtype = ours
+            kind, name, shape, dtype, device, requires_grad = theirs
+            r_kind, r_name, r_shape, r_dtype, r_device, r_requires_grad = ours
             if (kind, name) != (r_kind, r_name):
                 return f"has {kind} '{name}' where rank 0 has {r_kind} '{r_name}'"
-            return f"has {kind} '{name}' of shape {shape} {dtype}, rank 0 has {r_shape} {r_dtype}"
+            if (shape, dtype) != (r_shape, r_dtype):
+                return f"has {kind} '{name}' of shape {shape} {dtype}, rank 0 has {r_shape} {r_dtype}"
+            if device != r_device:
+                return f"has {kind} '{name}' on the {device.upper()}, rank 0 on the {r_device.upper()}"
+            return f"has {kind} '{name}' with requires_grad={requires_grad}, rank 0 with {r_requires_grad}"
     if len(reference) != len(other):
         return (f"has {len(other)} parameters and buffers, rank 0 has {len(reference)}"
                 + (f" (first extra: '{other[len(reference)][1]}')" if len(other) > len(reference)

@@ -87,6 +87,8 @@ class NcclCommunicator:
         return out
 
     def bcast_(self, array, root=0):
+        if not array.flags.c_contiguous:  # NCCL sees only the pointer: a view's strides would be ignored
+            raise ValueError("NCCL broadcast needs a C-contiguous array")
         with self.after_current_work():
             self.comm.bcast(array.data.ptr, array.size, self._nccl_dtype(array, "sum"), root, self.stream.ptr)
         self.make_current_wait(self.record())

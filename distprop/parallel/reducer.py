@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import sys
 import threading
 
 import numpy as np
@@ -38,6 +39,8 @@ class Bucket:
         self.xp = xp
         self.dtype = params[0].data.dtype
         self.size = sum(p.data.size for p in params)
+        # What each parameter was when the buffers were laid out (see check_unchanged).
+        self.layouts = [(p.data.shape, p.data.dtype, backend.device_of(p.data)) for p in params]
         self.in_place = buffer is None and len(params) == 1
         if self.in_place:
             self.buffer, self.views = None, None
@@ -59,6 +62,7 @@ class Bucket:
 
     def stage(self, slot: int) -> None:
         """Make params[slot].grad part of this bucket's buffer (its gradient is final)."""
+        self.check_unchanged(slot)
         p = self.params[slot]
         xp = self.xp
         if self.in_place:
@@ -74,6 +78,23 @@ class Bucket:
                 view[...] = p.grad
             p.grad = view
         self.ready[slot] = True
+
+    def check_unchanged(self, slot: int) -> None:
+        """A model moved or cast after wrapping would have its gradients silently cast
+        into (or copied across devices to) buffers laid out for the old arrays."""
+        data, (shape, dtype, device) = self.params[slot].data, self.layouts[slot]
+        now = (data.shape, data.dtype, backend.device_of(data))
+        if now != (shape, dtype, device):
+            raise RuntimeError(f"DataParallel: parameter '{self.names[slot]}' is now {now[1]} {now[0]} on "
+                               f"{now[2]}, but was {dtype} {shape} on {device} when the model was wrapped; "
+                               "move or cast the model before wrapping it")
+
+    def release(self) -> None:
+        """Stop offering this bucket's views as gradient destinations (unless another
+        wrapper of the same model has since offered its own)."""
+        for p, view in zip(self.params, self.views or ()):
+            if p.grad_buffer is view:
+                p.grad_buffer = None
 
     def flat_gradient(self):
         return self.params[0].grad.reshape(-1) if self.in_place else self.buffer
@@ -182,6 +203,11 @@ class BackgroundTransport:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # else a reduction is stuck in them: leave them be
+            self._free_communicators()
+
+    def _free_communicators(self) -> None:
+        pass
 
 
 class ThreadTransport(BackgroundTransport):
@@ -198,6 +224,9 @@ class ThreadTransport(BackgroundTransport):
 
     def reduce(self, bucket) -> None:
         bucket.reduce(self.comm)
+
+    def _free_communicators(self) -> None:
+        self.comm.free()
 
 
 class IallreduceWork(Work):
@@ -227,9 +256,8 @@ class IallreduceTransport:
 
         self.MPI = MPI
         self.comm = comm.dup()
-        self._ops = {"sum": MPI.SUM, "bf16_sum": None}
         self._bf16_op = mpi_bf16_sum_op
-        self._pending = []
+        self._pending = []  # requests to progress; completed ones are dropped at the next start
 
     def start(self, bucket) -> Work:
         gradient = bucket.flat_gradient()
@@ -237,6 +265,7 @@ class IallreduceTransport:
         bucket.compression.compress(gradient, wire, self.comm.size)
         op = self._bf16_op() if bucket.compression.reduce_op == "bf16_sum" else self.MPI.SUM
         request = self.comm.mpi_comm.Iallreduce(self.MPI.IN_PLACE, wire, op=op)
+        self._pending = [r for r in self._pending if r != self.MPI.REQUEST_NULL]  # Wait() nulls them
         self._pending.append(request)
         return IallreduceWork(bucket, request, self.comm)
 
@@ -246,6 +275,7 @@ class IallreduceTransport:
 
     def close(self) -> None:
         self._pending = []
+        self.comm.free()
 
 
 class NcclTransport:
@@ -299,14 +329,21 @@ def make_transport(kind, comm, on_gpu: bool, layouts, compression):
         if kind == "iallreduce" or kind == "shm":
             raise ValueError(f"transport={kind!r} needs host arrays; GPU gradients use NCCL or 'thread'")
         return ThreadTransport(comm)
-    if kind is None:
+    automatic = kind is None
+    if automatic:
         kind = "shm" if _shm_applies(comm, layouts, compression) else "thread"
     if kind == "shm":
         from distprop.parallel.shm import ShmTransport
 
         if compression.wire_dtype is not None:
             raise ValueError("compression does not apply to transport='shm' (no wire to narrow)")
-        return ShmTransport(comm, layouts)
+        try:
+            return ShmTransport(comm, layouts)
+        except OSError as error:  # raised on every rank alike, so all fall back alike
+            if not automatic:
+                raise
+            if comm.rank == 0:
+                print(f"distprop: {error}; gradients are reduced with transport='thread'", file=sys.stderr)
     if kind == "iallreduce":
         return IallreduceTransport(comm)
     return ThreadTransport(comm)
@@ -333,6 +370,7 @@ class Reducer:
                  inplace_bytes: int, compression, transport: str | None = None):
         self.comm = comm
         trainable = [(n, p) for n, p in named_params if p.requires_grad]
+        _check_one_device(trainable)
         groups = assign_buckets(list(reversed(trainable)), bucket_bytes, first_bucket_bytes, inplace_bytes)
         on_gpu = bool(trainable) and backend.device_of(trainable[0][1].data) == "gpu"
         layouts = [(sum(p.data.size for _, p in g), g[0][1].data.dtype) for g in groups]
@@ -355,7 +393,7 @@ class Reducer:
         make sure the pass ends by finishing the reduction."""
         if self.expecting_sync and not self._in_pass:
             self._in_pass = True
-            autograd.queue_callback(self._finish_pass)
+            autograd.queue_callback(self._finish_pass, on_failure=self._abandon_pass)
 
     def _on_ready(self, bucket: Bucket, slot: int, param) -> None:
         if not self.expecting_sync:
@@ -381,18 +419,43 @@ class Reducer:
             for work in self._works:
                 work.wait()
         finally:
-            for bucket in self.buckets:
-                bucket.reset()
-            self._works, self._next_bucket = [], 0
-            self._in_pass = self.expecting_sync = False
+            self._end_pass()
             self.steps += 1
             if self.comm.watchdog is not None:
                 self.comm.watchdog.step = self.steps
+
+    def _abandon_pass(self) -> None:
+        """backward() raised: let the reductions already started finish (ranks that
+        failed alike started the same ones) before their buffers are reused, and
+        forget the pass. The gradients are then partly averaged: skip this step."""
+        try:
+            for work in self._works:
+                try:
+                    work.wait()
+                except Exception:
+                    pass  # the exception backward() raised is the one to report
+        finally:
+            self._end_pass()
+
+    def _end_pass(self) -> None:
+        for bucket in self.buckets:
+            bucket.reset()
+        self._works, self._next_bucket = [], 0
+        self._in_pass = self.expecting_sync = False
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         for bucket in self.buckets:
-            for p in bucket.params:
-                p.grad_buffer = None
+            bucket.release()
         self.transport.close()
+
+
+def _check_one_device(named_params) -> None:
+    """One transport serves all buckets: NCCL cannot take host arrays, nor MPI device ones."""
+    first = {}
+    for name, p in named_params:
+        first.setdefault(backend.device_of(p.data), name)
+    if len(first) > 1:
+        raise ValueError(f"DataParallel: the model has parameters on the CPU ('{first['cpu']}') and on the "
+                         f"GPU ('{first['gpu']}'); move all of them to one device before wrapping it")

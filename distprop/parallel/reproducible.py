@@ -64,16 +64,16 @@ class MicroShardReducer:
         return float(loss_total / self.micro_shards)
 
     def _local_length(self, batch) -> int:
-        lengths = {len(a) for a in batch}
-        if len(lengths) != 1:
-            raise ValueError(f"batch arrays have different lengths {sorted(lengths)}")
-        length = lengths.pop()
-        # Every rank must hold the same number of whole micro-shards: agreed by all ranks.
+        lengths = sorted({len(a) for a in batch})
+        length = lengths[0] if len(lengths) == 1 else -1  # -1: this rank's arrays disagree
+        # Every rank must hold the same number of whole micro-shards: agreed by all ranks
+        # (so that no rank raises while the others wait in the allgather).
         extremes = self.comm.allreduce(np.array([length, -length], np.int64), "max")
-        if extremes[0] != -extremes[1] or length % self.per_rank:
-            raise ValueError(f"reproducible mode: every rank needs the same local batch, a multiple of "
-                             f"{self.per_rank} micro-shards; local batches range from {-extremes[1]} to "
-                             f"{extremes[0]} rows")
+        if extremes[0] != -extremes[1] or length < self.per_rank or length % self.per_rank:
+            raise ValueError(f"reproducible mode: every rank needs the same local batch, a non-zero multiple "
+                             f"of {self.per_rank} micro-shards; local batches range from {-extremes[1]} to "
+                             f"{extremes[0]} rows (-1: arrays of different lengths; rank {self.comm.rank} "
+                             f"has {lengths})")
         return length
 
     def _flatten_into(self, row) -> None:

