@@ -468,3 +468,26 @@ def test_a_backward_that_raised_everywhere_leaves_the_next_step_averaged(comm, t
               f"grads after a failed pass {[p.grad for p in bag.parameters()]}")
     finally:
         model.close()
+
+
+def test_training_forward_gives_every_rank_rank_0s_buffers(comm):
+    class WithBuffers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+            self.register_buffer("scale", np.zeros(4))
+            self.register_buffer("steps", np.zeros((), np.int64))
+
+        def forward(self, x):
+            return self.linear(x)
+
+    net = WithBuffers()
+    model = DataParallel(net, comm)
+    try:
+        net.scale[...] = comm.rank + 1  # replicas drift apart between steps ...
+        net.steps[...] = 10 * comm.rank
+        model(dp.tensor(np.ones((2, 3), np.float32))).sum().backward()  # ... and a training forward realigns them
+        ok = np.all(net.scale == 1.0) and int(net.steps) == 0 and net.steps.dtype == np.int64
+        agree(comm, ok, f"buffers after forward: {net.scale}, {net.steps}")
+    finally:
+        model.close()

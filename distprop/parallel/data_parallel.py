@@ -8,7 +8,7 @@ import numpy as np
 
 from distprop import autograd
 from distprop.autograd import Function, Tensor
-from distprop.backend import device_of
+from distprop.backend import device_of, get_array_module
 from distprop.nn.module import Module
 from distprop.parallel import runtime
 from distprop.parallel.compression import get_compression
@@ -217,11 +217,23 @@ def _broadcast_module_state(module: Module, comm) -> None:
 
 
 def _broadcast_buffers(module: Module, comm) -> None:
+    """Rank 0's buffers everywhere: one broadcast per dtype and device, not one per
+    buffer (a ResNet has dozens of small batch-norm buffers, and this runs on every
+    training forward)."""
+    groups: dict[tuple, list] = {}
     for owner in module.modules():
         for name, buffer in owner._buffers.items():
-            if buffer is None:
-                continue
-            if not buffer.flags.c_contiguous:
-                buffer = buffer.copy()
-                setattr(owner, name, buffer)
-            comm.bcast_(buffer, root=0)
+            if buffer is not None:
+                groups.setdefault((buffer.dtype.str, device_of(buffer)), []).append((owner, name, buffer))
+    for entries in groups.values():  # insertion order: the same module walk on every rank
+        xp = get_array_module(entries[0][2])
+        flat = xp.concatenate([buffer.reshape(-1) for _, _, buffer in entries])
+        comm.bcast_(flat, root=0)
+        offset = 0
+        for owner, name, buffer in entries:
+            values = flat[offset:offset + buffer.size].reshape(buffer.shape)
+            if buffer.flags.writeable:
+                buffer[...] = values  # in place: whoever holds the buffer sees rank 0's values
+            else:
+                setattr(owner, name, values.copy())
+            offset += buffer.size
