@@ -22,6 +22,7 @@ import functools
 import queue
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -386,6 +387,10 @@ class Reducer:
         self._next_bucket = 0
         self._works: list[Work] = []
         self.steps = 0
+        # Seconds the training thread spent on synchronisation (hooks, and waiting for
+        # the reductions at the end of backward): what a step pays for it, as long as
+        # the background work overlaps with backward.
+        self.sync_seconds = 0.0
 
     # ---- during backward ------------------------------------------------------
     def begin_pass(self) -> None:
@@ -398,10 +403,12 @@ class Reducer:
     def _on_ready(self, bucket: Bucket, slot: int, param) -> None:
         if not self.expecting_sync:
             return  # inside no_sync(): gradients accumulate locally
+        start = time.perf_counter()
         self.begin_pass()
         bucket.stage(slot)
         self._start_ready_buckets()
         self.transport.progress()
+        self.sync_seconds += time.perf_counter() - start
 
     def _start_ready_buckets(self) -> None:
         while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].complete:
@@ -410,6 +417,7 @@ class Reducer:
             self._next_bucket += 1
 
     def _finish_pass(self) -> None:
+        start = time.perf_counter()
         try:
             for bucket in self.buckets:  # gradients no op produced: reduce zeros (or what no_sync left)
                 for slot, ready in enumerate(bucket.ready):
@@ -420,6 +428,7 @@ class Reducer:
                 work.wait()
         finally:
             self._end_pass()
+            self.sync_seconds += time.perf_counter() - start
             self.steps += 1
             if self.comm.watchdog is not None:
                 self.comm.watchdog.step = self.steps
