@@ -12,6 +12,8 @@ later, on the GPU, and a hang there shows up at the next synchronisation.
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 
 import numpy as np
 
@@ -19,6 +21,8 @@ from distprop.backend import get_array_module, is_gpu_array, to_device
 from distprop.parallel.compression import mpi_bf16_sum_op
 
 # "bf16_sum" adds uint16 arrays that hold bfloat16 bits (see parallel.compression).
+ABORT_GRACE_SECONDS = 1.0
+
 _OPS = ("sum", "mean", "max", "min", "bf16_sum")
 
 
@@ -217,6 +221,12 @@ class MPICommunicator(Communicator):
         return twin
 
     def abort(self, code=1):
+        # The launcher forwards our output asynchronously and MPI_Abort kills the
+        # forwarding too (MPICH's does): give the report that usually precedes an
+        # abort a moment to reach the user.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         self.mpi_comm.Abort(code)
 
     def free(self):
