@@ -255,6 +255,18 @@ class Tensor:
         return activations.relu(self)
 
 
+def zero_grads(tensors, set_to_none: bool = True) -> None:
+    """Clear each tensor's gradient: drop it (the default; the next backward makes a
+    fresh one) or fill it with zeros in place."""
+    for t in tensors:
+        if t.grad is None:
+            continue
+        if set_to_none:
+            t.grad = None
+        else:
+            t.grad[...] = 0
+
+
 def _raw(value):
     return value.data if isinstance(value, Tensor) else value
 

@@ -18,6 +18,21 @@ def _data(rank: int, batch: int):
     return rng.standard_normal((batch, 784)).astype(np.float32), rng.integers(0, 10, batch)
 
 
+def _report_throughput(step, barrier, rank: int, size: int, batch: int, steps: int, warmup: int) -> None:
+    """Time `steps` calls of `step` after `warmup` ones, the ranks starting and
+    ending together; rank 0 prints the samples per second of the whole job."""
+    for _ in range(warmup):
+        step()
+    barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    barrier()
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        print(f"throughput {size * batch * steps / elapsed:.1f}", flush=True)
+
+
 def run_distprop(batch: int, steps: int, warmup: int) -> None:
     import distprop as dp
     import distprop.functional as F
@@ -37,16 +52,7 @@ def run_distprop(batch: int, steps: int, warmup: int) -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    comm.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    comm.barrier()
-    elapsed = time.perf_counter() - start
-    if comm.rank == 0:
-        print(f"throughput {comm.size * batch * steps / elapsed:.1f}", flush=True)
+    _report_throughput(step, comm.barrier, comm.rank, comm.size, batch, steps, warmup)
     model.close()
 
 
@@ -69,16 +75,7 @@ def run_torch(batch: int, steps: int, warmup: int) -> None:
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    dist.barrier()
-    elapsed = time.perf_counter() - start
-    if rank == 0:
-        print(f"throughput {size * batch * steps / elapsed:.1f}", flush=True)
+    _report_throughput(step, dist.barrier, rank, size, batch, steps, warmup)
     dist.destroy_process_group()
 
 

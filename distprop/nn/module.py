@@ -16,7 +16,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from distprop.backend import device_of, is_gpu_array, normalize_device, to_device
-from distprop.autograd import Tensor
+from distprop.autograd import Tensor, zero_grads
 from distprop.nn.parameter import Parameter
 
 
@@ -293,13 +293,7 @@ class Module:
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.parameters():
-            if param.grad is None:
-                continue
-            if set_to_none:
-                param.grad = None
-            else:
-                param.grad[...] = 0
+        zero_grads(self.parameters(), set_to_none)
 
     def to(self, device=None, dtype=None) -> Module:
         """Move parameters (with their gradients) and buffers to `device` and cast the

@@ -6,7 +6,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from distprop.autograd import Tensor, enable_grad
+from distprop.autograd import Tensor, enable_grad, zero_grads
 from distprop.backend import device_of, is_gpu_array, to_device
 
 
@@ -63,14 +63,7 @@ class Optimizer:
             start += len(params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if set_to_none:
-                    param.grad = None
-                else:
-                    param.grad[...] = 0
+        zero_grads((p for group in self.param_groups for p in group["params"]), set_to_none)
 
     def step(self, closure: Callable | None = None):
         raise NotImplementedError(f"{type(self).__name__} does not define step()")
