@@ -8,9 +8,7 @@ from distprop.functional.conv import as_pair
 from distprop.nn.activation import ReLU
 from distprop.nn.container import Sequential
 from distprop.nn.conv import Conv2d
-from distprop.nn.dropout import Dropout
-from distprop.nn.flatten import Flatten
-from distprop.nn.linear import Linear
+from distprop.nn.models.mlp import MLP
 from distprop.nn.module import Module
 from distprop.nn.pooling import MaxPool2d
 
@@ -40,15 +38,9 @@ class LeNet(Module):
             Conv2d(in_channels, channels[0], 5, padding=2), ReLU(), MaxPool2d(2),
             Conv2d(channels[0], channels[1], 5, padding=padding), ReLU(), MaxPool2d(2),
         )
-        layers: list[Module] = [Flatten()]
-        features = channels[1] * height * width
-        for hidden in hidden_sizes:
-            layers += [Linear(features, hidden), ReLU()]
-            if dropout > 0:
-                layers.append(Dropout(dropout))
-            features = hidden
-        layers.append(Linear(features, num_classes))
-        self.classifier = Sequential(*layers)
+        # Flatten, then the hidden Linear/ReLU(/Dropout) layers: an MLP (a Sequential,
+        # so the state_dict keys are those of the same torch.nn.Sequential).
+        self.classifier = MLP(channels[1] * height * width, hidden_sizes, num_classes, dropout=dropout)
 
     def forward(self, x):
         return self.classifier(self.features(x))
