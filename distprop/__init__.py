@@ -1,5 +1,9 @@
 """distprop: data-parallel neural-network training over MPI, on numpy and cupy arrays."""
 
+from distprop.host_memory import retain_freed_memory
+
+retain_freed_memory()  # reuse freed arrays' pages: see distprop.host_memory
+
 from distprop.autograd import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
 from distprop.random import manual_seed
 from distprop import functional, nn, optim
