@@ -255,7 +255,7 @@ def test_an_error_in_the_background_reaches_the_consumer_with_its_message(datase
 
 
 def loader_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("distprop")]
+    return [t for t in threading.enumerate() if t.name.startswith("distprop-loader")]
 
 
 def test_an_abandoned_iterator_stops_its_threads(dataset):

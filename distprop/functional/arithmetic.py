@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from distprop import cpu_threads
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
 from distprop.functional.broadcast import sum_to
@@ -117,7 +118,7 @@ class MatMul(Function):
         self.a_shape, self.b_shape = a.shape, b.shape
         self.a = a if need_b else None
         self.b = b if need_a else None
-        return a @ b
+        return cpu_threads.matmul(a, b)
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -134,10 +135,10 @@ class MatMul(Function):
         ga = gb = None
         if self.needs_input_grad[0]:
             b2 = self.b.reshape(b2_shape)
-            ga = sum_to(g @ xp.swapaxes(b2, -1, -2), a2_shape).reshape(a_shape)
+            ga = sum_to(cpu_threads.matmul(g, xp.swapaxes(b2, -1, -2)), a2_shape).reshape(a_shape)
         if self.needs_input_grad[1]:
             a2 = self.a.reshape(a2_shape)
-            gb = sum_to(xp.swapaxes(a2, -1, -2) @ g, b2_shape).reshape(b_shape)
+            gb = sum_to(cpu_threads.matmul(xp.swapaxes(a2, -1, -2), g), b2_shape).reshape(b_shape)
         return ga, gb
 
 

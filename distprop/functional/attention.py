@@ -7,6 +7,7 @@ import math
 from distprop import random
 from distprop.autograd import Function, Tensor
 from distprop.backend import device_of, get_array_module
+from distprop.cpu_threads import matmul
 from distprop.functional import shapes
 from distprop.functional.broadcast import sum_to
 
@@ -35,7 +36,7 @@ class ScaledDotProductAttention(Function):
 
     def forward(self, q, k, v, *float_mask):
         xp = get_array_module(q)
-        scores = q @ xp.swapaxes(k, -1, -2)
+        scores = matmul(q, xp.swapaxes(k, -1, -2))
         scores *= self.scale
         if float_mask:
             scores = scores + float_mask[0]
@@ -52,16 +53,16 @@ class ScaledDotProductAttention(Function):
         if any(self.needs_input_grad):
             self.q, self.k, self.v, self.p, self.attended = q, k, v, p, attended
             self.mask_shape = float_mask[0].shape if float_mask else None
-        return attended @ v
+        return matmul(attended, v)
 
     def backward(self, gy):
         xp = get_array_module(gy)
         q, k, v, p = self.q, self.k, self.v, self.p
         needs = self.needs_input_grad
-        gv = sum_to(xp.swapaxes(self.attended, -1, -2) @ gy, v.shape) if needs[2] else None
+        gv = sum_to(matmul(xp.swapaxes(self.attended, -1, -2), gy), v.shape) if needs[2] else None
         g_scores = None
         if needs[0] or needs[1] or (len(needs) > 3 and needs[3]):
-            gp = gy @ xp.swapaxes(v, -1, -2)
+            gp = matmul(gy, xp.swapaxes(v, -1, -2))
             if self.keep is not None:
                 gp *= self.keep
                 gp *= self.kept_scale
@@ -70,8 +71,8 @@ class ScaledDotProductAttention(Function):
         gq = gk = None
         if needs[0] or needs[1]:
             g_scaled = g_scores * self.scale
-            gq = sum_to(g_scaled @ k, q.shape) if needs[0] else None
-            gk = sum_to(xp.swapaxes(g_scaled, -1, -2) @ q, k.shape) if needs[1] else None
+            gq = sum_to(matmul(g_scaled, k), q.shape) if needs[0] else None
+            gk = sum_to(matmul(xp.swapaxes(g_scaled, -1, -2), q), k.shape) if needs[1] else None
         return (gq, gk, gv) if len(needs) == 3 else (gq, gk, gv, g_mask)
 
 

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from distprop import cpu_threads
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
 
 # Bytes of column matrix per chunk on the CPU: a few MiB stays in L2/L3 between
 # the im2col copy and the GEMM (measured best between 2 and 8 MiB here).
 _CPU_CHUNK_BYTES = 4 << 20
+# Below this much column matrix per thread, a thread's start costs more than it saves.
+_MIN_THREAD_BYTES = 256 << 10
 
 
 def as_pair(value, name):
@@ -95,8 +98,10 @@ class ConvGeometry:
         """Images per im2col chunk: the whole batch on the GPU, a few MiB of columns on the CPU."""
         if xp is not np:
             return self.n
-        per_image = self.out_h * self.out_w * self.groups * self.k * itemsize
-        return max(1, min(self.n, _CPU_CHUNK_BYTES // per_image))
+        return max(1, min(self.n, _CPU_CHUNK_BYTES // self.column_bytes_per_image(itemsize)))
+
+    def column_bytes_per_image(self, itemsize) -> int:
+        return self.out_h * self.out_w * self.groups * self.k * itemsize
 
     def weight_matrix(self, weight):
         """weight (O, Cg, kh, kw) as (groups, kh*kw*Cg, O/groups): the GEMM's right side,
@@ -214,6 +219,21 @@ class _ColumnBuilder:
         return cols_t.transpose(0, 2, 1)
 
 
+def _image_parts(xp, geo, work):
+    """work(start, stop) over parts of the batch: on the CPU's threads (distprop.cpu_threads),
+    each part at least _MIN_THREAD_BYTES of columns; on the GPU as one call. Returns
+    the parts' results."""
+    if xp is not np:
+        return [work(0, geo.n)]
+    min_images = max(1, _MIN_THREAD_BYTES // geo.column_bytes_per_image(4))
+    return cpu_threads.map_parts(work, geo.n, min_per_part=min_images)
+
+
+def _chunks(start, stop, chunk):
+    """(first, last) image ranges of at most `chunk` images covering start..stop."""
+    return [(first, min(first + chunk, stop)) for first in range(start, stop, chunk)]
+
+
 def _convolve(xp, x, w_mat, geo, bias=None):
     """The convolution of x (N, C, H, W) as an (N*Ho*Wo, O) row matrix (NHWC order):
     im2col and one GEMM per chunk of images, the bias added while the chunk's rows
@@ -223,31 +243,42 @@ def _convolve(xp, x, w_mat, geo, bias=None):
     rows_per_image = geo.out_h * geo.out_w
     y = xp.empty((geo.n * rows_per_image, geo.o), dtype)
     y_groups = y.reshape(-1, geo.groups, geo.og).transpose(1, 0, 2)
-    columns = _ColumnBuilder(xp, geo, x, chunk, dtype)
-    for start in range(0, geo.n, chunk):
-        stop = min(start + chunk, geo.n)
-        rows = slice(start * rows_per_image, stop * rows_per_image)
-        if geo.groups == 1:
-            xp.matmul(columns(start, stop)[0], w_mat[0], out=y[rows])
-        else:
-            y_groups[:, rows] = xp.matmul(columns(start, stop), w_mat)
-        if bias is not None:
-            y[rows] += bias
+
+    def work(start, stop):
+        columns = _ColumnBuilder(xp, geo, x, chunk, dtype)
+        for first, last in _chunks(start, stop, chunk):
+            rows = slice(first * rows_per_image, last * rows_per_image)
+            if geo.groups == 1:
+                cpu_threads.matmul(columns(first, last)[0], w_mat[0], out=y[rows])
+            else:
+                y_groups[:, rows] = cpu_threads.matmul(columns(first, last), w_mat)
+            if bias is not None:
+                y[rows] += bias
+
+    _image_parts(xp, geo, work)
     return y
 
 
 def _weight_gradient(xp, x, gy_groups, geo):
     """(O, Cg, kh, kw) gradient: per chunk, the recomputed column matrix's transpose
-    times the output gradient, summed over chunks. (K, O) = cols^T @ gy runs faster
-    than its transpose gy^T @ cols: the long reduction is over the rows of both."""
+    times the output gradient, summed over chunks (and over the threads' parts).
+    (K, O) = cols^T @ gy runs faster than its transpose gy^T @ cols: the long
+    reduction is over the rows of both."""
     chunk = geo.images_per_chunk(xp, gy_groups.dtype.itemsize)
     rows_per_image = geo.out_h * geo.out_w
-    columns = _ColumnBuilder(xp, geo, x, chunk, gy_groups.dtype)
-    gw = xp.zeros((geo.groups, geo.k, geo.og), gy_groups.dtype)
-    for start in range(0, geo.n, chunk):
-        stop = min(start + chunk, geo.n)
-        gy_chunk = gy_groups[:, start * rows_per_image:stop * rows_per_image]
-        gw += xp.matmul(columns(start, stop).transpose(0, 2, 1), gy_chunk)
+
+    def work(start, stop):
+        columns = _ColumnBuilder(xp, geo, x, chunk, gy_groups.dtype)
+        gw = xp.zeros((geo.groups, geo.k, geo.og), gy_groups.dtype)
+        for first, last in _chunks(start, stop, chunk):
+            gy_chunk = gy_groups[:, first * rows_per_image:last * rows_per_image]
+            gw += cpu_threads.matmul(columns(first, last).transpose(0, 2, 1), gy_chunk)
+        return gw
+
+    parts = _image_parts(xp, geo, work)
+    gw = parts[0]
+    for part in parts[1:]:
+        gw += part
     return geo.weight_from_matrix(xp, gw)
 
 
@@ -260,16 +291,19 @@ def _col2im_input_gradient(xp, gy_groups, weight, geo):
     rows_per_image = geo.out_h * geo.out_w
     w_offsets = weight.reshape(g, geo.og, geo.cg, offsets).transpose(3, 0, 1, 2)  # (kh*kw, G, Og, Cg)
     gx_padded = xp.zeros((geo.n, geo.hp, geo.wp, geo.c), gy_groups.dtype)
-    for start in range(0, geo.n, chunk):
-        stop = min(start + chunk, geo.n)
-        n = stop - start
-        gy_chunk = gy_groups[:, start * rows_per_image:stop * rows_per_image]
-        contributions = xp.matmul(gy_chunk, w_offsets)  # (kh*kw, G, rows, Cg)
-        target = gx_padded[start:stop].reshape(n, geo.hp, geo.wp, g, geo.cg)
-        for offset in range(offsets):
-            i, j = divmod(offset, geo.kw)
-            part = contributions[offset].reshape(g, n, geo.out_h, geo.out_w, geo.cg)
-            geo.offset_view(target, i, j)[...] += part.transpose(1, 2, 3, 0, 4)
+
+    def work(start, stop):  # parts write disjoint images of gx_padded
+        for first, last in _chunks(start, stop, chunk):
+            n = last - first
+            gy_chunk = gy_groups[:, first * rows_per_image:last * rows_per_image]
+            contributions = cpu_threads.matmul(gy_chunk, w_offsets)  # (kh*kw, G, rows, Cg)
+            target = gx_padded[first:last].reshape(n, geo.hp, geo.wp, g, geo.cg)
+            for offset in range(offsets):
+                i, j = divmod(offset, geo.kw)
+                part = contributions[offset].reshape(g, n, geo.out_h, geo.out_w, geo.cg)
+                geo.offset_view(target, i, j)[...] += part.transpose(1, 2, 3, 0, 4)
+
+    _image_parts(xp, geo, work)
     return geo.interior(gx_padded)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distprop.autograd import Function, Tensor
-from distprop.backend import get_array_module
+from distprop.cpu_threads import matmul
 
 
 class Linear(Function):
@@ -18,7 +18,7 @@ class Linear(Function):
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         self.x = x if need_w else None
         self.weight = weight if need_x else None
-        y = x @ weight.T
+        y = matmul(x, weight.T)
         if bias is not None:
             y += bias
         return y
@@ -27,12 +27,12 @@ class Linear(Function):
         needs = self.needs_input_grad
         gx = gw = gb = None
         if needs[0]:
-            gx = gy @ self.weight
+            gx = matmul(gy, self.weight)
         if needs[1] or (len(needs) > 2 and needs[2]):
             gy2 = gy.reshape(-1, gy.shape[-1])
             if needs[1]:  # straight into the weight's gradient buffer where it has one
                 out = getattr(self, "grad_out", {}).get(1)
-                gw = get_array_module(gy).matmul(gy2.T, self.x.reshape(-1, self.x.shape[-1]), out=out)
+                gw = matmul(gy2.T, self.x.reshape(-1, self.x.shape[-1]), out=out)
             if len(needs) > 2 and needs[2]:
                 gb = gy2.sum(axis=0)
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from distprop import cpu_threads
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
 from distprop.functional.conv import as_pair
+
+# Below this many input elements per thread, a thread's start costs more than it saves.
+_MIN_THREAD_ELEMENTS = 64 << 10
 
 
 def _channels_last(x) -> bool:
@@ -75,17 +79,29 @@ class PoolGeometry:
     def empty_output(self, xp, dtype):
         return _empty(xp, self.out_shape, dtype, self.channels_last)
 
-    def scatter(self, xp, contributions, dtype):
-        """The (N, C, H, W) gradient built from each offset's (N, C, Ho, Wo) share."""
+    def empty_padded(self, xp, dtype):
+        """An uninitialised gradient of the padded input, in x's layout."""
         shape = (self.n, self.c, self.h + 2 * self.ph, self.w + 2 * self.pw)
-        g = _empty(xp, shape, dtype, self.channels_last)
+        return _empty(xp, shape, dtype, self.channels_last)
+
+    def scatter(self, g, contributions):
+        """Fill g (a padded input's gradient, or a batch slice of one) from each
+        offset's (n, C, Ho, Wo) share."""
         g.fill(0)
         for (i, j), part in zip(self.offsets(), contributions):
             if self.overlapping:
                 self.view(g, i, j)[...] += part
             else:  # the views are disjoint
                 self.view(g, i, j)[...] = part
-        return self.interior(g)
+
+
+def _batch_parts(xp, geo, work):
+    """work(start, stop) over parts of the batch, on the CPU's threads (see
+    distprop.cpu_threads; pooling's short strided runs gain from them), or as one call."""
+    if xp is not np:
+        work(0, geo.n)
+    else:
+        cpu_threads.map_parts(work, geo.n, min_per_part=max(1, _MIN_THREAD_ELEMENTS // (geo.c * geo.h * geo.w)))
 
 
 class MaxPool2d(Function):
@@ -101,25 +117,42 @@ class MaxPool2d(Function):
         source = geo.padded(xp, x, -xp.inf)
         offsets = geo.offsets()
         best = geo.empty_output(xp, x.dtype)
-        best[...] = geo.view(source, *offsets[0])
         need_grad = self.needs_input_grad[0]
+        argmax = None
         if need_grad:
-            index_dtype = np.uint8 if len(offsets) <= 256 else np.int32
-            argmax = geo.empty_output(xp, index_dtype)
-            argmax.fill(0)
-        for k, (i, j) in enumerate(offsets[1:], start=1):
-            candidate = geo.view(source, i, j)
+            argmax = geo.empty_output(xp, np.uint8 if len(offsets) <= 256 else np.int32)
+
+        def work(start, stop):
+            images = slice(start, stop)
+            part_best, part_source = best[images], source[images]
+            part_best[...] = geo.view(part_source, *offsets[0])
             if need_grad:
-                xp.copyto(argmax, argmax.dtype.type(k), where=candidate > best)
-            xp.maximum(best, candidate, out=best)
+                part_argmax = argmax[images]
+                part_argmax.fill(0)
+            for k, (i, j) in enumerate(offsets[1:], start=1):
+                candidate = geo.view(part_source, i, j)
+                if need_grad:
+                    xp.copyto(part_argmax, part_argmax.dtype.type(k), where=candidate > part_best)
+                xp.maximum(part_best, candidate, out=part_best)
+
+        _batch_parts(xp, geo, work)
         if need_grad:
             self.geo, self.argmax = geo, argmax
         return best
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        parts = (gy * (self.argmax == k) for k in range(len(self.geo.offsets())))
-        return (self.geo.scatter(xp, parts, gy.dtype),)
+        geo, argmax = self.geo, self.argmax
+        g = geo.empty_padded(xp, gy.dtype)
+
+        def work(start, stop):
+            images = slice(start, stop)
+            part_gy, part_argmax = gy[images], argmax[images]
+            parts = (part_gy * (part_argmax == k) for k in range(len(geo.offsets())))
+            geo.scatter(g[images], parts)
+
+        _batch_parts(xp, geo, work)
+        return (geo.interior(g),)
 
 
 class AvgPool2d(Function):
@@ -156,7 +189,9 @@ class AvgPool2d(Function):
     def backward(self, gy):
         xp = get_array_module(gy)
         share = gy / self.divisor
-        return (self.geo.scatter(xp, (share for _ in self.geo.offsets()), gy.dtype),)
+        g = self.geo.empty_padded(xp, gy.dtype)
+        self.geo.scatter(g, (share for _ in self.geo.offsets()))
+        return (self.geo.interior(g),)
 
 
 class GlobalAvgPool2d(Function):
@@ -196,11 +231,11 @@ class AdaptiveAvgPool2d(Function):
         out_h, out_w = self.output_size
         self.rows = _adaptive_bins(xp, x.shape[2], out_h, x.dtype)
         self.cols = _adaptive_bins(xp, x.shape[3], out_w, x.dtype)
-        return xp.matmul(xp.matmul(self.rows, x), self.cols.T)
+        return cpu_threads.matmul(cpu_threads.matmul(self.rows, x), self.cols.T)
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        return (xp.matmul(xp.matmul(self.rows.T, gy), self.cols),)
+        return (cpu_threads.matmul(cpu_threads.matmul(self.rows.T, gy), self.cols),)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:

@@ -1,0 +1,137 @@
+"""distprop.cpu_threads: ops split over threads give the results of one thread."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import distprop as dp
+import distprop.functional as F
+from distprop import cpu_threads
+from threadpoolctl import threadpool_limits
+
+pytestmark = pytest.mark.skipif(not cpu_threads._blas(), reason="no BLAS library that threadpoolctl controls")
+
+
+@pytest.fixture
+def three_threads():
+    """Three threads whatever the machine has (the parts then share cores)."""
+    with threadpool_limits(limits=3, user_api="blas"):
+        assert cpu_threads.get_num_threads() == 3
+        yield
+
+
+def test_split_covers_the_range_in_near_equal_parts():
+    assert cpu_threads.split(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert cpu_threads.split(2, 2) == [(0, 1), (1, 2)]
+    for count in range(0, 30):
+        for parts in range(1, 5):
+            bounds = cpu_threads.split(count, parts)
+            sizes = [stop - start for start, stop in bounds]
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_map_parts_runs_each_part_on_its_own_thread_with_single_threaded_blas(three_threads):
+    seen = []
+
+    def work(start, stop):
+        seen.append((threading.get_ident(), cpu_threads.get_num_threads()))
+        time.sleep(0.05)  # keep every thread busy so that no thread takes two parts
+        return start, stop
+
+    assert cpu_threads.map_parts(work, 9) == [(0, 3), (3, 6), (6, 9)]
+    assert len({ident for ident, _ in seen}) == 3
+    assert {blas for _, blas in seen} == {1}
+    assert cpu_threads.get_num_threads() == 3  # restored
+
+
+def test_map_parts_stays_on_one_thread_for_little_work_or_one_thread(three_threads):
+    calls = []
+    cpu_threads.map_parts(lambda a, b: calls.append((a, b)), 5, min_per_part=3)
+    assert calls == [(0, 5)]
+    with threadpool_limits(limits=1, user_api="blas"):
+        cpu_threads.map_parts(lambda a, b: calls.append((a, b)), 100)
+    assert calls[-1] == (0, 100)
+
+
+def test_nested_map_parts_runs_inline(three_threads):
+    inner = []
+
+    def outer(start, stop):
+        return cpu_threads.map_parts(lambda a, b: inner.append((threading.get_ident(), a, b)) or (a, b), 6)
+
+    results = cpu_threads.map_parts(outer, 3)
+    assert results == [[(0, 6)], [(0, 6)], [(0, 6)]]
+    assert len(inner) == 3
+
+
+def test_an_error_in_one_part_is_raised_after_all_parts_finish(three_threads):
+    finished = []
+
+    def work(start, stop):
+        if start == 0:
+            raise ValueError("part 0 failed")
+        time.sleep(0.1)
+        finished.append(start)
+
+    with pytest.raises(ValueError, match="part 0 failed"):
+        cpu_threads.map_parts(work, 3)
+    assert sorted(finished) == [1, 2]
+    assert cpu_threads.get_num_threads() == 3
+
+
+def test_set_num_threads_sets_blas_and_rejects_nonsense():
+    before = cpu_threads.get_num_threads()
+    try:
+        dp.set_num_threads(1)
+        assert dp.get_num_threads() == 1
+    finally:
+        cpu_threads.set_num_threads(before)
+    with pytest.raises(ValueError, match="at least 1"):
+        dp.set_num_threads(0)
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [
+    ((64, 300), (300, 500)),     # split along the columns
+    ((700, 300), (300, 64)),     # along the rows
+    ((6, 40, 64), (6, 64, 50)),  # along the batch
+    ((6, 40, 64), (64, 50)),     # batch against a broadcast matrix
+    ((2, 80, 256), (2, 256, 300)),  # batch shorter than the threads: along the columns
+    ((300,), (300, 500)),        # vector: one call
+])
+def test_matmul_matches_numpy(three_threads, a_shape, b_shape):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+    np.testing.assert_allclose(cpu_threads.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_matmul_writes_into_out_including_a_transposed_one(three_threads):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((200, 300)).astype(np.float32), rng.standard_normal((300, 400)).astype(np.float32)
+    out = np.empty((400, 200), np.float32).T
+    assert cpu_threads.matmul(a, b, out=out) is out
+    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
+
+
+def _conv_pool_step(x, w, b):
+    x, w, b = dp.tensor(x, requires_grad=True), dp.tensor(w, requires_grad=True), dp.tensor(b, requires_grad=True)
+    y = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2)
+    z = F.conv2d(y, dp.tensor(np.ones((3, w.shape[0], 3, 3))), None, padding=1)  # channels-last input
+    (z * z).sum().backward()
+    return [z.data, x.grad, w.grad, b.grad]
+
+
+def test_conv_and_pooling_on_threads_match_one_thread():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 3, 24, 24))
+    w = rng.standard_normal((16, 3, 3, 3)) * 0.3
+    b = rng.standard_normal(16)
+    with threadpool_limits(limits=1, user_api="blas"):
+        single = _conv_pool_step(x, w, b)
+    with threadpool_limits(limits=3, user_api="blas"):
+        threaded = _conv_pool_step(x, w, b)
+    for one, many in zip(single, threaded):
+        np.testing.assert_allclose(many, one, rtol=1e-10, atol=1e-10)
