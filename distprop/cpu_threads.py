@@ -21,6 +21,7 @@ While parts run, BLAS is held at one thread.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,7 +32,7 @@ from distprop.backend import get_array_module
 # Below about this many FLOPs per thread, splitting a GEMM costs more than it saves.
 _MIN_THREAD_FLOPS = 2_000_000
 
-_blas_controllers = None  # threadpoolctl's handles on the BLAS libraries loaded at first use
+_blas_controllers = None  # threadpoolctl's handles on numpy's BLAS, found at first use
 _pool = None
 _pool_size = 0
 _lock = threading.Lock()
@@ -41,15 +42,35 @@ _inside_part = threading.local()
 
 
 def _blas():
+    """Controllers of numpy's BLAS (all BLAS libraries where numpy's cannot be told apart)."""
     global _blas_controllers
     if _blas_controllers is None:
         try:
             from threadpoolctl import ThreadpoolController
 
-            _blas_controllers = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+            found = list(ThreadpoolController().select(user_api="blas").lib_controllers)
         except Exception:  # no threadpoolctl or no BLAS it knows: run ops on one thread
-            _blas_controllers = []
+            found = []
+        numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+        own = [c for c in found if os.path.basename(os.path.dirname(c.filepath)) == "numpy.libs"
+               and os.path.dirname(os.path.dirname(c.filepath)) == numpy_dir]
+        _blas_controllers = own or found
     return _blas_controllers
+
+
+def _reset_after_fork():
+    """A forked child has none of the parent's threads: start its pool and counts afresh
+    (and give BLAS back its threads if the fork came in the middle of a region)."""
+    global _pool, _pool_size, _lock, _active_regions, _inside_part
+    if _active_regions:
+        for controller, threads in _saved_blas_threads:
+            controller.set_num_threads(threads)
+    _pool, _pool_size, _active_regions = None, 0, 0
+    _lock, _inside_part = threading.Lock(), threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def get_num_threads() -> int:

@@ -135,3 +135,25 @@ def test_conv_and_pooling_on_threads_match_one_thread():
         threaded = _conv_pool_step(x, w, b)
     for one, many in zip(single, threaded):
         np.testing.assert_allclose(many, one, rtol=1e-10, atol=1e-10)
+
+
+def _child_runs_parts(queue):
+    with threadpool_limits(limits=3, user_api="blas"):
+        queue.put(cpu_threads.map_parts(lambda start, stop: (start, stop), 9))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_gets_threads_of_its_own(three_threads):
+    import multiprocessing
+
+    cpu_threads.map_parts(lambda start, stop: time.sleep(0.05), 9)  # the parent's pool has 2 idle threads
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_runs_parts, args=(queue,))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("map_parts in a forked child hung")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == [(0, 3), (3, 6), (6, 9)]
