@@ -79,6 +79,22 @@ def test_max_pool2d_ties_go_to_the_first_maximum_like_torch(device, kernel, stri
 
 
 @requires_torch
+def test_max_pool2d_with_more_than_256_window_offsets_like_torch(device):
+    x = np.random.default_rng(2).integers(0, 4, (2, 2, 21, 20)).astype(float)  # 17x17 windows: int32 argmax
+    compare_with_torch(lambda t: F.max_pool2d(t, 17, 2), lambda t: TF.max_pool2d(t, 17, 2), x, device=device)
+
+
+@requires_torch
+def test_max_pool2d_on_channels_last_input_split_over_threads_like_torch(device):
+    from threadpoolctl import threadpool_limits
+
+    x = np.random.default_rng(3).integers(0, 5, (40, 6, 28, 28)).astype(float)  # ties, several parts
+    with threadpool_limits(limits=3, user_api="blas"):
+        compare_with_torch(lambda t: F.max_pool2d(F.conv2d(t, dp.tensor(np.eye(6).reshape(6, 6, 1, 1))), 2),
+                           lambda t: TF.max_pool2d(t, 2), x, device=device)
+
+
+@requires_torch
 @pytest.mark.parametrize("output_size", [1, (1, 1), 2, (3, 2), (4, None), (5, 7), (6, 6)])
 def test_adaptive_avg_pool2d_matches_torch(device, output_size):
     x = np.random.default_rng(2).standard_normal((2, 3, 6, 5))

@@ -118,21 +118,31 @@ class MaxPool2d(Function):
         offsets = geo.offsets()
         best = geo.empty_output(xp, x.dtype)
         need_grad = self.needs_input_grad[0]
-        argmax = None
+        argmax = improved = None
         if need_grad:
             argmax = geo.empty_output(xp, np.uint8 if len(offsets) <= 256 else np.int32)
+            improved = geo.empty_output(xp, np.bool_)
 
         def work(start, stop):
             images = slice(start, stop)
             part_best, part_source = best[images], source[images]
             part_best[...] = geo.view(part_source, *offsets[0])
             if need_grad:
-                part_argmax = argmax[images]
+                part_argmax, part_improved = argmax[images], improved[images]
                 part_argmax.fill(0)
             for k, (i, j) in enumerate(offsets[1:], start=1):
                 candidate = geo.view(part_source, i, j)
                 if need_grad:
-                    xp.copyto(part_argmax, part_argmax.dtype.type(k), where=candidate > part_best)
+                    # argmax = k where the candidate is strictly larger: k grows with the
+                    # offset, so that is max(argmax, k * improved). (copyto with where=
+                    # ran 70x slower than these two passes.)
+                    xp.greater(candidate, part_best, out=part_improved)
+                    if part_argmax.dtype == np.uint8:
+                        k_where_improved = part_improved.view(np.uint8)
+                        xp.multiply(k_where_improved, k, out=k_where_improved)
+                    else:
+                        k_where_improved = part_improved * np.int32(k)
+                    xp.maximum(part_argmax, k_where_improved, out=part_argmax)
                 xp.maximum(part_best, candidate, out=part_best)
 
         _batch_parts(xp, geo, work)
