@@ -31,6 +31,7 @@ import numpy as np
 from distprop import cpu_threads
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
+from distprop.functional.channels import channel_op, channel_sum
 
 # Bytes of column matrix per chunk on the CPU: a few MiB stays in L2/L3 between
 # the im2col copy and the GEMM (measured best between 2 and 8 MiB here).
@@ -253,7 +254,7 @@ def _convolve(xp, x, w_mat, geo, bias=None):
             else:
                 y_groups[:, rows] = cpu_threads.matmul(columns(first, last), w_mat)
             if bias is not None:
-                y[rows] += bias
+                channel_op(xp, xp.add, y[rows], bias, out=y[rows])
 
     _image_parts(xp, geo, work)
     return y
@@ -343,8 +344,7 @@ class Conv2d(Function):
             gw = _weight_gradient(xp, self.x, gy_groups, geo)
         if len(needs) == 2:
             return gx, gw
-        # einsum sums the rows several times faster than sum(axis=0) for few channels
-        return gx, gw, (xp.einsum("ij->j", gy_rows) if needs[2] else None)
+        return gx, gw, (channel_sum(xp, gy_rows) if needs[2] else None)
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:

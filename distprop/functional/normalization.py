@@ -21,27 +21,7 @@ import numpy as np
 
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
-
-_LETTERS = "abdefghijklmnopqrstuvwxy"  # for einsum subscripts; "c" names the channel axis
-
-
-def _channel_subscripts(ndim) -> str:
-    """einsum subscripts of an (N, C, ...) array: channel axis 'c', the others lettered."""
-    return _LETTERS[0] + "c" + _LETTERS[1:ndim - 1]
-
-
-def _per_channel_sum(xp, a, b=None, dtype=None):
-    """sum(a * b) (or sum(a)) over every axis but 1, without a temporary product array
-    (einsum also beats sum() over several axes of channels-last data)."""
-    s = _channel_subscripts(a.ndim)
-    if b is None:
-        return xp.einsum(f"{s}->c", a, dtype=dtype)
-    return xp.einsum(f"{s},{s}->c", a, b, dtype=dtype)
-
-
-def _channel_shape(x):
-    """(1, C, 1, ...): per-channel arrays reshaped to broadcast against x."""
-    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+from distprop.functional.channels import channel_op, channel_sum
 
 
 def _raw(value):
@@ -57,8 +37,8 @@ def batch_norm_stats(x):
     """
     x = _raw(x)
     xp = get_array_module(x)
-    total = _per_channel_sum(xp, x, dtype=np.float64)
-    squares = _per_channel_sum(xp, x, x, dtype=np.float64)
+    total = channel_sum(xp, x, dtype=np.float64)
+    squares = channel_sum(xp, x, x, dtype=np.float64)
     return total, squares, x.size // x.shape[1]
 
 
@@ -127,46 +107,44 @@ class BatchNormTraining(Function):
     def forward(self, x, *params):
         xp = get_array_module(x)
         weight, bias = self.affine.split(params)
-        shape = _channel_shape(x)
         if self.stats is None:
             count = x.size // x.shape[1]
             if count < 2:
                 raise ValueError(f"batch_norm: expected more than 1 value per channel when training, "
                                  f"got input of shape {x.shape}")
-            mean = _per_channel_sum(xp, x) / count
-            centred = x - mean.reshape(shape)
-            var = _per_channel_sum(xp, centred, centred) / count
+            mean = channel_sum(xp, x) / count
+            centred = channel_op(xp, xp.subtract, x, mean)
+            var = channel_sum(xp, centred, centred) / count
         else:
             mean, var, count = (_raw(s) for s in self.stats)
             mean = mean.astype(x.dtype, copy=False)
-            centred = x - mean.reshape(shape)
+            centred = channel_op(xp, xp.subtract, x, mean)
         invstd = 1 / xp.sqrt(var.astype(x.dtype, copy=False) + self.eps)
         scale = invstd if weight is None else invstd * weight
         self.mean, self.var, self.count = mean, var, count  # returned by batch_norm_train
         if any(self.needs_input_grad):
             self.centred, self.invstd, self.scale = centred, invstd, scale
-            y = centred * scale.reshape(shape)  # centred is kept: out of place
+            y = channel_op(xp, xp.multiply, centred, scale)  # centred is kept: out of place
         else:
-            y = centred
-            y *= scale.reshape(shape)
+            y = channel_op(xp, xp.multiply, centred, scale, out=centred)
         if bias is not None:
-            y += bias.reshape(shape)
+            y = channel_op(xp, xp.add, y, bias, out=y)
         return y
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        centred, invstd, shape = self.centred, self.invstd, _channel_shape(gy)
-        sum_gy = _per_channel_sum(xp, gy)
-        sum_gy_xhat = _per_channel_sum(xp, gy, centred) * invstd
+        centred, invstd = self.centred, self.invstd
+        sum_gy = channel_sum(xp, gy)
+        sum_gy_xhat = channel_sum(xp, gy, centred) * invstd
         gx = None
         if self.needs_input_grad[0]:
             total_gy, total_gy_xhat = sum_gy, sum_gy_xhat
             if self.reduce_sums is not None:
                 total_gy, total_gy_xhat = self.reduce_sums(xp.stack([sum_gy, sum_gy_xhat]))
             scale = self.scale
-            gx = gy * scale.reshape(shape)
-            gx -= centred * (scale * invstd * total_gy_xhat / self.count).reshape(shape)
-            gx -= (scale * total_gy / self.count).reshape(shape)
+            gx = channel_op(xp, xp.multiply, gy, scale)
+            gx -= channel_op(xp, xp.multiply, centred, scale * invstd * total_gy_xhat / self.count)
+            gx = channel_op(xp, xp.subtract, gx, scale * total_gy / self.count, out=gx)
         return (gx,) + self.affine.gradients(self.needs_input_grad[1:], lambda: sum_gy_xhat, lambda: sum_gy)
 
 
@@ -179,26 +157,25 @@ class BatchNormInference(Function):
     def forward(self, x, *params):
         xp = get_array_module(x)
         weight, bias = self.affine.split(params)
-        shape = _channel_shape(x)
         self.invstd = 1 / xp.sqrt(self.var.astype(x.dtype, copy=False) + self.eps)
         self.scale = self.invstd if weight is None else self.invstd * weight
         shift = -self.mean.astype(x.dtype, copy=False) * self.scale
         if bias is not None:
             shift = shift + bias
-        y = x * self.scale.reshape(shape)
-        y += shift.reshape(shape)
+        y = channel_op(xp, xp.multiply, x, self.scale)
+        y = channel_op(xp, xp.add, y, shift, out=y)
         self.x = x if any(self.needs_input_grad[1:]) else None
         return y
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        gx = gy * self.scale.reshape(_channel_shape(gy)) if self.needs_input_grad[0] else None
+        gx = channel_op(xp, xp.multiply, gy, self.scale) if self.needs_input_grad[0] else None
 
         def g_weight():  # sum(gy * xhat) = invstd * (sum(gy * x) - mean * sum(gy))
-            return self.invstd * (_per_channel_sum(xp, gy, self.x) - self.mean * _per_channel_sum(xp, gy))
+            return self.invstd * (channel_sum(xp, gy, self.x) - self.mean * channel_sum(xp, gy))
 
         return (gx,) + self.affine.gradients(self.needs_input_grad[1:], g_weight,
-                                             lambda: _per_channel_sum(xp, gy))
+                                             lambda: channel_sum(xp, gy))
 
 
 def batch_norm_train(x, weight=None, bias=None, eps: float = 1e-5, stats=None, reduce_sums=None):
