@@ -187,13 +187,14 @@ def matmul(a, b, out=None):
     vectors, small products) is one xp.matmul call."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return get_array_module(a, b).matmul(a, b, out=out)
-    if a.ndim < 2 or b.ndim < 2:
+    if get_num_threads() <= 1:
         return np.matmul(a, b, out=out)
+    if a.ndim < 2 or b.ndim < 2:  # a GEMV or dot: not split, but it would wake BLAS's threads too
+        with single_threaded_blas():
+            return np.matmul(a, b, out=out)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     flops = 2 * m * k * n * int(np.prod(batch_shape))
-    if get_num_threads() <= 1:
-        return np.matmul(a, b, out=out)
     if flops < 2 * _MIN_THREAD_FLOPS:
         with single_threaded_blas():  # a small GEMM would still wake BLAS's threads
             return np.matmul(a, b, out=out)

@@ -21,6 +21,8 @@ import functools
 
 import numpy as np
 
+from distprop.cpu_threads import matmul
+
 # Row length of the channels-last matrix: long enough for fast inner loops, short
 # enough for the tiled per-channel vector to stay in L1.
 _ROW_ELEMENTS = 4096
@@ -83,8 +85,8 @@ def channel_sum(xp, a, b=None, dtype=None):
         return _fold(np.einsum(spec, *operands, dtype=dtype), channels)
     # A GEMV against ones: BLAS sums the rows (or columns) several times faster than einsum.
     if kind == "last":
-        return _fold(np.ones(matrix.shape[0], matrix.dtype) @ matrix, channels)
-    return _fold(matrix @ np.ones(matrix.shape[1], matrix.dtype), channels)
+        return _fold(matmul(np.ones(matrix.shape[0], matrix.dtype), matrix), channels)
+    return _fold(matmul(matrix, np.ones(matrix.shape[1], matrix.dtype)), channels)
 
 
 def channel_op(xp, ufunc, x, vector, out=None):

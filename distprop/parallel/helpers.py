@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from distprop import cpu_threads
 from distprop.backend import device_of, get_array_module, to_device
 from distprop.parallel import runtime
 
@@ -98,7 +99,8 @@ def clip_grad_norm_(parameters, max_norm: float, comm=None, eps: float = 1e-6) -
     bitwise the same factor."""
     comm = _comm(comm)
     grads = [p.grad for p in parameters if p.grad is not None]
-    total = math.sqrt(sum(float(get_array_module(g).vdot(g.ravel(), g.ravel()).real) for g in grads))
+    with cpu_threads.single_threaded_blas():  # a threaded dot would leave BLAS's threads spinning
+        total = math.sqrt(sum(float(get_array_module(g).vdot(g.ravel(), g.ravel()).real) for g in grads))
     total = float(comm.bcast_object(total, root=0)) if comm.size > 1 else total
     scale = max_norm / (total + eps)
     if scale < 1:
