@@ -31,6 +31,10 @@ from distprop.backend import get_array_module
 
 # Below about this many FLOPs per thread, splitting a GEMM costs more than it saves.
 _MIN_THREAD_FLOPS = 2_000_000
+# `_gemm` blocks products whose narrow side (k*n, or m*n for a long reduction) has at
+# most this many elements, in blocks of _MIN_BLOCK to _MAX_BLOCK rows.
+_NARROW_ELEMENTS = 4096
+_MIN_BLOCK, _MAX_BLOCK = 256, 2048
 
 _blas_controllers = None  # threadpoolctl's handles on numpy's BLAS, found at first use
 _pool = None
@@ -180,38 +184,100 @@ def map_parts(function, count: int, min_per_part: int = 1) -> list:
 
 
 def matmul(a, b, out=None):
-    """numpy's `a @ b` (with `out=`), its output split over the threads: numpy arrays
-    of 2 or more dimensions, each part a single-threaded BLAS call. Along the larger
-    of the rows and columns (batched: along the first batch axis, if long enough),
-    which measured as fast here as OpenBLAS's own threading. Anything else (cupy,
-    vectors, small products) is one xp.matmul call."""
+    """numpy's `a @ b` (with `out=`), on the CPU's threads: numpy arrays of 2 or more
+    dimensions have their output split over the threads, each part a single-threaded
+    BLAS call, along the larger of the rows and columns (batched: along the first
+    batch axis, if long enough), which measured as fast here as OpenBLAS's own
+    threading. 2-d products go through `_gemm`. Anything else (cupy, vectors) is one
+    matmul call."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return get_array_module(a, b).matmul(a, b, out=out)
-    if get_num_threads() <= 1:
-        return np.matmul(a, b, out=out)
+    threads = get_num_threads()
     if a.ndim < 2 or b.ndim < 2:  # a GEMV or dot: not split, but it would wake BLAS's threads too
-        with single_threaded_blas():
+        with _blas_held(threads):
             return np.matmul(a, b, out=out)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    gemm = _gemm if a.ndim == b.ndim == 2 else _batched_gemm
     flops = 2 * m * k * n * int(np.prod(batch_shape))
-    if flops < 2 * _MIN_THREAD_FLOPS:
-        with single_threaded_blas():  # a small GEMM would still wake BLAS's threads
-            return np.matmul(a, b, out=out)
+    if threads <= 1 or flops < 2 * _MIN_THREAD_FLOPS:
+        with _blas_held(threads):  # a small GEMM would still wake BLAS's threads
+            return gemm(a, b, out)
     if out is None:
         out = np.empty(batch_shape + (m, n), np.result_type(a, b))
 
     def min_part(length):  # units of an axis of `length` that hold _MIN_THREAD_FLOPS
         return -(-_MIN_THREAD_FLOPS * length // flops)
 
-    if batch_shape and batch_shape[0] >= get_num_threads():
+    if batch_shape and batch_shape[0] >= threads:
         a = np.broadcast_to(a, batch_shape + (m, k))
         b = np.broadcast_to(b, batch_shape + (k, n))
-        map_parts(lambda start, stop: np.matmul(a[start:stop], b[start:stop], out=out[start:stop]),
+        map_parts(lambda start, stop: gemm(a[start:stop], b[start:stop], out[start:stop]),
                   batch_shape[0], min_part(batch_shape[0]))
     elif n >= m:
-        map_parts(lambda start, stop: np.matmul(a, b[..., start:stop], out=out[..., start:stop]), n, min_part(n))
+        map_parts(lambda start, stop: gemm(a, b[..., start:stop], out[..., start:stop]), n, min_part(n))
     else:
-        map_parts(lambda start, stop: np.matmul(a[..., start:stop, :], b, out=out[..., start:stop, :]),
-                  m, min_part(m))
+        map_parts(lambda start, stop: gemm(a[..., start:stop, :], b, out[..., start:stop, :]), m, min_part(m))
     return out
+
+
+def _batched_gemm(a, b, out=None):
+    """np.matmul of stacks of matrices; one `_gemm` per matrix where it would block them."""
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if not _blocks(m, k, n):
+        return np.matmul(a, b, out=out)
+    batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if out is None:
+        out = np.empty(batch_shape + (m, n), np.result_type(a, b))
+    a, b = np.broadcast_to(a, batch_shape + (m, k)), np.broadcast_to(b, batch_shape + (k, n))
+    for index in np.ndindex(*batch_shape):
+        _gemm(a[index], b[index], out[index])
+    return out
+
+
+def _blocks(m, k, n) -> bool:
+    """Whether `_gemm` cuts an (m, k) @ (k, n) product into blocks."""
+    return ((k * n <= _NARROW_ELEMENTS and m >= 2 * _block_length(k * n))
+            or (m * n <= _NARROW_ELEMENTS and k >= 2 * _block_length(m * n)))
+
+
+def _blas_held(threads):
+    """single_threaded_blas() where BLAS has threads to wake, else nothing."""
+    return single_threaded_blas() if threads > 1 else contextlib.nullcontext()
+
+
+def _block_length(other_elements: int) -> int:
+    """Rows per block for `_gemm`: about 2**20 FLOPs per block, 256 to 2048 rows."""
+    return min(_MAX_BLOCK, max(_MIN_BLOCK, (1 << 19) // max(1, other_elements)))
+
+
+def _gemm(a, b, out=None):
+    """A single-threaded 2-d product, in blocks where one side is narrow.
+
+    OpenBLAS runs narrow products (16 output channels of a convolution, or its
+    weight gradient: a long reduction into a small matrix) at 55-75% of its peak;
+    cut into blocks of a few hundred rows it reached 100-110 GFLOP/s here, against
+    about 100 for a large square product. So a tall `a` times a small `b` goes as a
+    batch of row blocks, and a long reduction into a small result as a batch of
+    block products summed afterwards.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    if k * n <= _NARROW_ELEMENTS and m >= 2 * _block_length(k * n):
+        block = _block_length(k * n)
+        if out is None:
+            out = np.empty((m, n), np.result_type(a, b))
+        full = m - m % block
+        np.matmul(a[:full].reshape(-1, block, k), b, out=out[:full].reshape(-1, block, n))
+        if full < m:
+            np.matmul(a[full:], b, out=out[full:])
+        return out
+    if m * n <= _NARROW_ELEMENTS and k >= 2 * _block_length(m * n):
+        block = _block_length(m * n)
+        full = k - k % block
+        blocks = np.matmul(a[:, :full].reshape(m, -1, block).transpose(1, 0, 2), b[:full].reshape(-1, block, n))
+        out = np.sum(blocks, axis=0, out=out)
+        if full < k:
+            out += np.matmul(a[:, full:], b[full:])
+        return out
+    return np.matmul(a, b, out=out)

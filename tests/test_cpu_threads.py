@@ -157,3 +157,30 @@ def test_a_forked_child_gets_threads_of_its_own(three_threads):
         pytest.fail("map_parts in a forked child hung")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == [(0, 3), (3, 6), (6, 9)]
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [
+    ((5000, 144), (144, 16)),    # tall times narrow: row blocks, and a remainder
+    ((4096, 25), (25, 6)),       # row blocks, no remainder
+    ((144, 5000), (5000, 16)),   # long reduction into a small result: block products summed
+    ((6, 9000), (9000, 25)),
+    ((300, 300), (300, 300)),    # neither: one call
+])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blocked_products_match_numpy(a_shape, b_shape, threads):
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        np.testing.assert_allclose(cpu_threads.matmul(a, b), a @ b, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(cpu_threads.matmul(b.T, a.T), (a @ b).T, rtol=1e-10, atol=1e-10)
+        out = np.full((a_shape[0], b_shape[1] * 2), np.nan)[:, ::2]  # a strided destination
+        assert cpu_threads.matmul(a, b, out=out) is out
+        np.testing.assert_allclose(out, a @ b, rtol=1e-10, atol=1e-10)
+
+
+def test_blocked_products_in_a_batch_match_numpy():
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((1, 5000, 16))
+    b = rng.standard_normal((25, 1, 16, 6))  # col2im's per-offset products
+    assert cpu_threads._blocks(5000, 16, 6)
+    np.testing.assert_allclose(cpu_threads.matmul(a, b), np.matmul(a, b), rtol=1e-12, atol=1e-12)

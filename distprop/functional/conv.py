@@ -273,7 +273,9 @@ def _weight_gradient(xp, x, gy_groups, geo):
         gw = xp.zeros((geo.groups, geo.k, geo.og), gy_groups.dtype)
         for first, last in _chunks(start, stop, chunk):
             gy_chunk = gy_groups[:, first * rows_per_image:last * rows_per_image]
-            gw += cpu_threads.matmul(columns(first, last).transpose(0, 2, 1), gy_chunk)
+            cols = columns(first, last)
+            for group in range(geo.groups):  # 2-d products: cpu_threads blocks the narrow ones
+                gw[group] += cpu_threads.matmul(cols[group].T, gy_chunk[group])
         return gw
 
     parts = _image_parts(xp, geo, work)
