@@ -31,9 +31,10 @@ from distprop.backend import get_array_module
 
 # Below about this many FLOPs per thread, splitting a GEMM costs more than it saves.
 _MIN_THREAD_FLOPS = 2_000_000
-# `_gemm` blocks products whose narrow side (k*n, or m*n for a long reduction) has at
-# most this many elements, in blocks of _MIN_BLOCK to _MAX_BLOCK rows.
-_NARROW_ELEMENTS = 4096
+# `_gemm` blocks products whose narrow side (k*n, or m*n for a long reduction) has
+# _TINY_ELEMENTS to _NARROW_ELEMENTS elements, in blocks of _MIN_BLOCK to _MAX_BLOCK
+# rows (below that, as for col2im's 16x6 kernel slices, blocks measured slower).
+_TINY_ELEMENTS, _NARROW_ELEMENTS = 128, 4096
 _MIN_BLOCK, _MAX_BLOCK = 256, 2048
 
 _blas_controllers = None  # threadpoolctl's handles on numpy's BLAS, found at first use
@@ -237,8 +238,12 @@ def _batched_gemm(a, b, out=None):
 
 def _blocks(m, k, n) -> bool:
     """Whether `_gemm` cuts an (m, k) @ (k, n) product into blocks."""
-    return ((k * n <= _NARROW_ELEMENTS and m >= 2 * _block_length(k * n))
-            or (m * n <= _NARROW_ELEMENTS and k >= 2 * _block_length(m * n)))
+    return _row_blocks(m, k * n) or _row_blocks(k, m * n)
+
+
+def _row_blocks(length, narrow) -> bool:
+    """Whether `length` rows against a narrow side of `narrow` elements go in blocks."""
+    return _TINY_ELEMENTS <= narrow <= _NARROW_ELEMENTS and length >= 2 * _block_length(narrow)
 
 
 def _blas_held(threads):
@@ -263,7 +268,7 @@ def _gemm(a, b, out=None):
     """
     m, k = a.shape
     n = b.shape[1]
-    if k * n <= _NARROW_ELEMENTS and m >= 2 * _block_length(k * n):
+    if _row_blocks(m, k * n):
         block = _block_length(k * n)
         if out is None:
             out = np.empty((m, n), np.result_type(a, b))
@@ -272,7 +277,7 @@ def _gemm(a, b, out=None):
         if full < m:
             np.matmul(a[full:], b, out=out[full:])
         return out
-    if m * n <= _NARROW_ELEMENTS and k >= 2 * _block_length(m * n):
+    if _row_blocks(k, m * n):
         block = _block_length(m * n)
         full = k - k % block
         blocks = np.matmul(a[:, :full].reshape(m, -1, block).transpose(1, 0, 2), b[:full].reshape(-1, block, n))
