@@ -24,6 +24,15 @@ def _channels_last(x) -> bool:
     return x.strides[1] < x.strides[3]
 
 
+def _in_layout(xp, a, channels_last):
+    """a itself if stored in the layout asked for, else a copy that is."""
+    if a.ndim != 4 or _channels_last(a) == channels_last:
+        return a
+    if channels_last:
+        return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    return xp.ascontiguousarray(a)
+
+
 def _empty(xp, shape, dtype, channels_last):
     """An uninitialised (N, C, H, W) array, channels-last in memory if asked."""
     if channels_last:
@@ -54,6 +63,9 @@ class PoolGeometry:
             raise ValueError(f"{name}: kernel {self.kh}x{self.kw} is larger than the padded input")
         self.out_shape = (self.n, self.c, self.out_h, self.out_w)
         self.overlapping = self.sh < self.kh or self.sw < self.kw
+        # Disjoint windows that cover the padded input exactly (no remainder rows or columns).
+        self.tiles_input = (not self.overlapping and self.out_h * self.kh == self.h + 2 * self.ph
+                            and self.out_w * self.kw == self.w + 2 * self.pw)
 
     def offsets(self):
         return [(i, j) for i in range(self.kh) for j in range(self.kw)]
@@ -154,12 +166,21 @@ class MaxPool2d(Function):
         xp = get_array_module(gy)
         geo, argmax = self.geo, self.argmax
         g = geo.empty_padded(xp, gy.dtype)
+        gy = _in_layout(xp, gy, geo.channels_last)  # e.g. NCHW from a Flatten: match argmax's
 
         def work(start, stop):
             images = slice(start, stop)
-            part_gy, part_argmax = gy[images], argmax[images]
-            parts = (part_gy * (part_argmax == k) for k in range(len(geo.offsets())))
-            geo.scatter(g[images], parts)
+            part_gy, part_argmax, part_g = gy[images], argmax[images], g[images]
+            if geo.overlapping:
+                geo.scatter(part_g, (part_gy * (part_argmax == k) for k in range(len(geo.offsets()))))
+                return
+            # Disjoint windows: each offset's share goes straight into its view.
+            if not geo.tiles_input:
+                part_g.fill(0)
+            hit = xp.empty_like(part_argmax, dtype=np.bool_)  # in the same memory layout
+            for k, (i, j) in enumerate(geo.offsets()):
+                xp.equal(part_argmax, k, out=hit)
+                xp.multiply(part_gy, hit, out=geo.view(part_g, i, j))
 
         _batch_parts(xp, geo, work)
         return (geo.interior(g),)
