@@ -15,6 +15,20 @@ pytestmark = pytest.mark.skipif(not cpu_threads._blas(), reason="no BLAS library
 
 
 @pytest.fixture
+def splits(monkeypatch):
+    """The part counts that map_parts used, to check that a test really ran parts."""
+    counts = []
+    real_split = cpu_threads.split
+
+    def spy(count, parts):
+        counts.append(parts)
+        return real_split(count, parts)
+
+    monkeypatch.setattr(cpu_threads, "split", spy)
+    return counts
+
+
+@pytest.fixture
 def three_threads():
     """Three threads whatever the machine has (the parts then share cores)."""
     with threadpool_limits(limits=3, user_api="blas"):
@@ -94,26 +108,29 @@ def test_set_num_threads_sets_blas_and_rejects_nonsense():
         dp.set_num_threads(0)
 
 
-@pytest.mark.parametrize("a_shape,b_shape", [
-    ((64, 300), (300, 500)),     # split along the columns
-    ((700, 300), (300, 64)),     # along the rows
-    ((6, 40, 64), (6, 64, 50)),  # along the batch
-    ((6, 40, 64), (64, 50)),     # batch against a broadcast matrix
-    ((2, 80, 256), (2, 256, 300)),  # batch shorter than the threads: along the columns
-    ((300,), (300, 500)),        # vector: one call
+@pytest.mark.parametrize("a_shape,b_shape,split", [
+    ((200, 300), (300, 500), True),         # split along the columns
+    ((2000, 300), (300, 64), True),         # along the rows
+    ((6, 400, 128), (6, 128, 200), True),   # along the batch
+    ((6, 400, 128), (128, 200), True),      # batch against a broadcast matrix
+    ((2, 200, 256), (2, 256, 400), True),   # batch shorter than the threads: along the columns
+    ((64, 300), (300, 500), False),         # too little work to split
+    ((300,), (300, 500), False),            # vector: one call
 ])
-def test_matmul_matches_numpy(three_threads, a_shape, b_shape):
+def test_matmul_matches_numpy(three_threads, splits, a_shape, b_shape, split):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
     np.testing.assert_allclose(cpu_threads.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    assert (max(splits, default=1) > 1) == split
 
 
-def test_matmul_writes_into_out_including_a_transposed_one(three_threads):
+def test_matmul_writes_into_out_including_a_transposed_one(three_threads, splits):
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((200, 300)).astype(np.float32), rng.standard_normal((300, 400)).astype(np.float32)
     out = np.empty((400, 200), np.float32).T
     assert cpu_threads.matmul(a, b, out=out) is out
     np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
+    assert max(splits) > 1
 
 
 def _conv_pool_step(x, w, b):
@@ -124,15 +141,17 @@ def _conv_pool_step(x, w, b):
     return [z.data, x.grad, w.grad, b.grad]
 
 
-def test_conv_and_pooling_on_threads_match_one_thread():
+def test_conv_and_pooling_on_threads_match_one_thread(splits):
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((40, 3, 24, 24))
+    x = rng.standard_normal((120, 3, 24, 24))
     w = rng.standard_normal((16, 3, 3, 3)) * 0.3
     b = rng.standard_normal(16)
     with threadpool_limits(limits=1, user_api="blas"):
         single = _conv_pool_step(x, w, b)
+    assert splits == []
     with threadpool_limits(limits=3, user_api="blas"):
         threaded = _conv_pool_step(x, w, b)
+    assert splits.count(3) >= 5  # the convolutions' forward and backward passes and the pooling
     for one, many in zip(single, threaded):
         np.testing.assert_allclose(many, one, rtol=1e-10, atol=1e-10)
 

@@ -88,7 +88,7 @@ def test_max_pool2d_with_more_than_256_window_offsets_like_torch(device):
 def test_max_pool2d_on_channels_last_input_split_over_threads_like_torch(device):
     from threadpoolctl import threadpool_limits
 
-    x = np.random.default_rng(3).integers(0, 5, (40, 6, 28, 28)).astype(float)  # ties, several parts
+    x = np.random.default_rng(3).integers(0, 5, (160, 6, 28, 28)).astype(float)  # ties, several parts
     with threadpool_limits(limits=3, user_api="blas"):
         compare_with_torch(lambda t: F.max_pool2d(F.conv2d(t, dp.tensor(np.eye(6).reshape(6, 6, 1, 1))), 2),
                            lambda t: TF.max_pool2d(t, 2), x, device=device)

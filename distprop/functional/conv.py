@@ -36,8 +36,9 @@ from distprop.functional.channels import channel_op, channel_sum
 # Bytes of column matrix per chunk on the CPU: a few MiB stays in L2/L3 between
 # the im2col copy and the GEMM (measured best between 2 and 8 MiB here).
 _CPU_CHUNK_BYTES = 4 << 20
-# Below this much column matrix per thread, a thread's start costs more than it saves.
-_MIN_THREAD_BYTES = 256 << 10
+# Below this much column matrix per thread, handing work to a thread costs more than
+# it saves (see distprop.cpu_threads).
+_MIN_THREAD_BYTES = 2 << 20
 
 
 def as_pair(value, name):

@@ -16,8 +16,9 @@ from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
 from distprop.functional.conv import as_pair
 
-# Below this many input elements per thread, a thread's start costs more than it saves.
-_MIN_THREAD_ELEMENTS = 64 << 10
+# Below this many input elements per thread, handing work to a thread costs more than
+# it saves (see distprop.cpu_threads).
+_MIN_THREAD_ELEMENTS = 256 << 10
 
 
 def _channels_last(x) -> bool:
