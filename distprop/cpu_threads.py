@@ -15,7 +15,9 @@ on the cores the parts run on made a LeNet step 1.5x slower on 2 cores.
 
 The thread count is BLAS's, read at each call: `distprop.init()` sets it per rank,
 and `set_num_threads(n)` (or threadpoolctl's `threadpool_limits(n)`) changes both.
-While parts run, BLAS is held at one thread.
+While parts run, BLAS is held at one thread. OpenBLAS takes that setting from the
+main thread only (calls from other threads are ignored), so only ops called on the
+main thread are split; elsewhere they run as one numpy call, as numpy would.
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ _MIN_THREAD_FLOPS = 20_000_000
 _TINY_ELEMENTS, _NARROW_ELEMENTS = 128, 4096
 _MIN_BLOCK, _MAX_BLOCK = 256, 2048
 
+# Most threads a region splits into: the pool's size (its threads start as needed).
+_MAX_THREADS = 256
+
 _blas_controllers = None  # threadpoolctl's handles on numpy's BLAS, found at first use
 _pool = None
-_pool_size = 0
 _lock = threading.Lock()
-_active_regions = 0  # parallel regions running now (from any thread)
-_saved_blas_threads = None
+_active_regions = 0  # single_threaded_blas() blocks open on the main thread
+_saved_blas_threads = None  # BLAS's thread counts to restore when the last one closes
+_forking_from_main = False
 _inside_part = threading.local()
 
 
@@ -65,19 +70,30 @@ def _blas():
     return _blas_controllers
 
 
+def _note_forking_thread():
+    global _forking_from_main
+    _forking_from_main = _on_main_thread()
+
+
 def _reset_after_fork():
-    """A forked child has none of the parent's threads: start its pool and counts afresh
-    (and give BLAS back its threads if the fork came in the middle of a region)."""
-    global _pool, _pool_size, _lock, _active_regions, _inside_part
-    if _active_regions:
+    """A forked child has none of the parent's threads: it gets a pool of its own. Its
+    one thread is the one that forked: the main thread's open regions are still its
+    own (it will close them); after a fork from another thread they are gone, and
+    BLAS gets its thread count back."""
+    global _pool, _lock, _active_regions
+    if _active_regions and not _forking_from_main:
         for controller, threads in _saved_blas_threads:
             controller.set_num_threads(threads)
-    _pool, _pool_size, _active_regions = None, 0, 0
-    _lock, _inside_part = threading.Lock(), threading.local()
+        _active_regions = 0
+    _pool, _lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    os.register_at_fork(before=_note_forking_thread, after_in_child=_reset_after_fork)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def get_num_threads() -> int:
@@ -87,29 +103,36 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(threads: int) -> None:
-    """Set the threads of BLAS and of distprop's CPU ops together (like torch.set_num_threads)."""
+    """Set the threads of BLAS and of distprop's CPU ops together (like torch.set_num_threads).
+    Inside a single_threaded_blas() block it takes effect when the block closes."""
+    global _saved_blas_threads
     threads = int(threads)
     if threads < 1:
         raise ValueError(f"set_num_threads: need at least 1 thread, got {threads}")
+    with _lock:
+        if _active_regions:
+            _saved_blas_threads = [(c, threads) for c, _ in _saved_blas_threads]
+            return
     for controller in _blas():
         controller.set_num_threads(threads)
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+def _executor() -> ThreadPoolExecutor:
+    global _pool
     with _lock:
-        if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="distprop-cpu")
-            _pool_size = workers
+        if _pool is None:  # never replaced: a caller may be submitting to it
+            _pool = ThreadPoolExecutor(_MAX_THREADS - 1, thread_name_prefix="distprop-cpu")
         return _pool
 
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """BLAS at one thread inside (nested and concurrent uses are counted), its
-    setting restored when the last one leaves."""
+    """BLAS at one thread inside, its setting restored when the outermost block on the
+    main thread closes. Elsewhere it does nothing: OpenBLAS ignores thread-count
+    changes from other threads (and ops called there are not split)."""
+    if not _on_main_thread():
+        yield
+        return
     _enter_region()
     try:
         yield
@@ -152,12 +175,12 @@ def map_parts(function, count: int, min_per_part: int = 1) -> list:
     thread (this thread runs the first), and return the results in part order.
 
     Runs as one call function(0, count) where there is one thread, too little work
-    (fewer than `min_per_part` items per part) or when already inside a part. Every
-    part finishes before this returns, also when one raises; the first error is
-    then raised here.
+    (fewer than `min_per_part` items per part), off the main thread, or when already
+    inside a part. Every part finishes before this returns, also when one raises;
+    the first error is then raised here.
     """
-    threads = min(get_num_threads(), count // max(1, min_per_part))
-    if threads <= 1 or getattr(_inside_part, "active", False):
+    threads = min(get_num_threads(), count // max(1, min_per_part), _MAX_THREADS)
+    if threads <= 1 or getattr(_inside_part, "active", False) or not _on_main_thread():
         return [function(0, count)]
     bounds = split(count, threads)
 
@@ -169,7 +192,7 @@ def map_parts(function, count: int, min_per_part: int = 1) -> list:
             _inside_part.active = False
 
     with single_threaded_blas():
-        pool = _executor(threads - 1)
+        pool = _executor()
         futures = [pool.submit(run, *b) for b in bounds[1:]]
         results, error = [], None
         try:
@@ -191,19 +214,21 @@ def matmul(a, b, out=None):
     dimensions have their output split over the threads, each part a single-threaded
     BLAS call, along the larger of the rows and columns (batched: along the first
     batch axis, if long enough), which measured as fast here as OpenBLAS's own
-    threading. 2-d products go through `_gemm`. Anything else (cupy, vectors) is one
-    matmul call."""
+    threading. Products go through `_gemm`, which blocks narrow ones. Off the main
+    thread nothing is split; cupy arrays go to cupy.matmul."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return get_array_module(a, b).matmul(a, b, out=out)
     threads = get_num_threads()
-    if a.ndim < 2 or b.ndim < 2:  # a GEMV or dot: not split, but it would wake BLAS's threads too
+    if a.ndim < 2 or b.ndim < 2 or _aliases(out, a, b):
+        # A GEMV or dot is not split (but would wake BLAS's threads too); an `out`
+        # overlapping an input is left to numpy, which buffers it.
         with _blas_held(threads):
             return np.matmul(a, b, out=out)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     gemm = _gemm if a.ndim == b.ndim == 2 else _batched_gemm
     flops = 2 * m * k * n * int(np.prod(batch_shape))
-    if threads <= 1 or flops < 2 * _MIN_THREAD_FLOPS:
+    if threads <= 1 or flops < 2 * _MIN_THREAD_FLOPS or not _on_main_thread():
         with _blas_held(threads):  # a small GEMM would still wake BLAS's threads
             return gemm(a, b, out)
     if out is None:
@@ -222,6 +247,11 @@ def matmul(a, b, out=None):
     else:
         map_parts(lambda start, stop: gemm(a[..., start:stop, :], b, out[..., start:stop, :]), m, min_part(m))
     return out
+
+
+def _aliases(out, *arrays) -> bool:
+    """Whether `out` may overlap an input (then parts could read what others wrote)."""
+    return out is not None and any(np.may_share_memory(out, a) for a in arrays)
 
 
 def _batched_gemm(a, b, out=None):
@@ -249,7 +279,8 @@ def _row_blocks(length, narrow) -> bool:
 
 
 def _blas_held(threads):
-    """single_threaded_blas() where BLAS has threads to wake, else nothing."""
+    """single_threaded_blas() where BLAS has threads to wake, else nothing (saving the
+    two thread-count calls)."""
     return single_threaded_blas() if threads > 1 else contextlib.nullcontext()
 
 
@@ -270,6 +301,8 @@ def _gemm(a, b, out=None):
     """
     m, k = a.shape
     n = b.shape[1]
+    if _aliases(out, a, b):
+        return np.matmul(a, b, out=out)
     if _row_blocks(m, k * n):
         block = _block_length(k * n)
         if out is None:

@@ -14,8 +14,9 @@ of the step time; ResNet-20 loses about 15%.
 instead of rising and falling every step. Larger allocations (whole datasets,
 weight files) still get their own mappings and are returned when freed.
 
-Applied once when distprop is imported, on glibc only (other C libraries are left
-alone); setting DISTPROP_RETAIN_HOST_MEMORY=0 leaves malloc as it is.
+Applied once when distprop is imported, to the whole process (malloc has no other
+scope), on glibc only (other C libraries are left alone); setting
+DISTPROP_RETAIN_HOST_MEMORY=0 leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import platform
 
 MMAP_THRESHOLD = 256 << 20
+FALLBACK_MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
@@ -48,6 +50,10 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # The trim threshold first: setting either one turns off glibc's dynamic adjustment.
-    _applied = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    # Setting either threshold turns off glibc's dynamic adjustment of both, so the
+    # mmap threshold goes first and malloc is left alone if no value is accepted
+    # (older glibc caps it at 32 MiB, which is the fallback).
+    if not any(mallopt(_M_MMAP_THRESHOLD, value) for value in (MMAP_THRESHOLD, FALLBACK_MMAP_THRESHOLD)):
+        return False
+    _applied = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied

@@ -203,3 +203,83 @@ def test_blocked_products_in_a_batch_match_numpy():
     b = rng.standard_normal((25, 1, 16, 9))  # col2im-like per-offset products
     assert cpu_threads._blocks(5000, 16, 9)
     np.testing.assert_allclose(cpu_threads.matmul(a, b), np.matmul(a, b), rtol=1e-12, atol=1e-12)
+
+
+def _on_another_thread(function):
+    results = []
+    worker = threading.Thread(target=lambda: results.append(function()))
+    worker.start()
+    worker.join(timeout=60)
+    assert len(results) == 1, "the function failed on the other thread"
+    return results[0]
+
+
+def test_off_the_main_thread_nothing_is_split_and_blas_is_left_alone(three_threads):
+    # OpenBLAS ignores thread-count changes from other threads: holding BLAS there
+    # would do nothing, and restoring from there could leave it at one thread.
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((400, 300)), rng.standard_normal((300, 500))
+    assert _on_another_thread(lambda: cpu_threads.map_parts(lambda start, stop: (start, stop), 9)) == [(0, 9)]
+    np.testing.assert_allclose(_on_another_thread(lambda: cpu_threads.matmul(a, b)), a @ b, rtol=1e-12, atol=1e-12)
+
+    def hold():
+        with cpu_threads.single_threaded_blas():
+            return cpu_threads._active_regions
+
+    with cpu_threads.single_threaded_blas():  # the main thread holds BLAS meanwhile
+        assert _on_another_thread(hold) == 1  # the other thread's block counted nothing
+    assert cpu_threads.get_num_threads() == 3 and cpu_threads._active_regions == 0
+
+
+def test_map_parts_from_many_threads_at_once(three_threads):
+    errors = []
+
+    def hammer():
+        try:
+            for size in range(2, 60):
+                assert cpu_threads.map_parts(lambda start, stop: stop - start, size) == [size]  # not split here
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    others = [threading.Thread(target=hammer) for _ in range(6)]
+    for thread in others:
+        thread.start()
+    for size in range(3, 200):
+        assert sum(cpu_threads.map_parts(lambda start, stop: stop - start, size)) == size
+    for thread in others:
+        thread.join(timeout=60)
+    assert errors == []
+    assert cpu_threads.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("alias", ["a", "b"])
+def test_matmul_into_one_of_its_inputs_aliasing_out(three_threads, alias):
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((500, 500)), rng.standard_normal((500, 500))
+    expected = a @ b
+    out = a if alias == "a" else b
+    cpu_threads.matmul(a, b, out=out)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_set_num_threads_inside_a_region_applies_when_it_closes(three_threads):
+    with cpu_threads.single_threaded_blas():
+        cpu_threads.set_num_threads(2)
+        assert cpu_threads.get_num_threads() == 1
+    assert cpu_threads.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_fork_inside_a_region_keeps_the_child_consistent(three_threads):
+    import os
+
+    with cpu_threads.single_threaded_blas():
+        pid = os.fork()
+        if pid == 0:  # the child: still inside the region it inherited, then leaving it
+            inside = cpu_threads._active_regions == 1 and cpu_threads.get_num_threads() == 1
+            cpu_threads._leave_region()
+            left = cpu_threads._active_regions == 0 and cpu_threads.get_num_threads() == 3
+            os._exit(0 if inside and left else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert cpu_threads.get_num_threads() == 3

@@ -134,3 +134,11 @@ def test_pooling_keeps_channels_last_layout(device, pool):
 def test_pooling_rejects_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call(dp.tensor(np.ones((1, 4, 4, 4))))
+
+
+@pytest.mark.parametrize("shape, kwargs", [((2, 0, 4, 4), {}), ((2, 3, 0, 4), dict(padding=1))])
+def test_max_pool2d_of_empty_maps(shape, kwargs):
+    x = dp.tensor(np.zeros(shape), requires_grad=True)
+    y = F.max_pool2d(x, 2, **kwargs)
+    y.sum().backward()
+    assert x.grad.shape == shape

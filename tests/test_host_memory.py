@@ -50,4 +50,7 @@ def test_freed_arrays_are_reused_without_page_faults():
 def test_opting_out_leaves_malloc_alone():
     applied, faults = _faults("0")
     assert not applied
-    assert faults > 5000  # much of the 24 MiB is fresh pages again on every cycle
+    if faults < 5000:
+        pytest.skip(f"this glibc kept the memory by itself ({faults} faults): nothing to compare")
+    # glibc's default gave much of the 24 MiB back: fresh pages again on every cycle
+    assert _faults("1")[1] < faults / 10

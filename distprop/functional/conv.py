@@ -103,7 +103,7 @@ class ConvGeometry:
         return max(1, min(self.n, _CPU_CHUNK_BYTES // self.column_bytes_per_image(itemsize)))
 
     def column_bytes_per_image(self, itemsize) -> int:
-        return self.out_h * self.out_w * self.groups * self.k * itemsize
+        return max(1, self.out_h * self.out_w * self.groups * self.k * itemsize)  # (0 for no channels)
 
     def weight_matrix(self, weight):
         """weight (O, Cg, kh, kw) as (groups, kh*kw*Cg, O/groups): the GEMM's right side,
@@ -221,13 +221,13 @@ class _ColumnBuilder:
         return cols_t.transpose(0, 2, 1)
 
 
-def _image_parts(xp, geo, work):
+def _image_parts(xp, geo, work, itemsize):
     """work(start, stop) over parts of the batch: on the CPU's threads (distprop.cpu_threads),
     each part at least _MIN_THREAD_BYTES of columns; on the GPU as one call. Returns
     the parts' results."""
     if xp is not np:
         return [work(0, geo.n)]
-    min_images = max(1, _MIN_THREAD_BYTES // geo.column_bytes_per_image(4))
+    min_images = max(1, _MIN_THREAD_BYTES // geo.column_bytes_per_image(itemsize))
     return cpu_threads.map_parts(work, geo.n, min_per_part=min_images)
 
 
@@ -257,7 +257,7 @@ def _convolve(xp, x, w_mat, geo, bias=None):
             if bias is not None:
                 channel_op(xp, xp.add, y[rows], bias, out=y[rows])
 
-    _image_parts(xp, geo, work)
+    _image_parts(xp, geo, work, np.dtype(dtype).itemsize)
     return y
 
 
@@ -279,7 +279,7 @@ def _weight_gradient(xp, x, gy_groups, geo):
                 gw[group] += cpu_threads.matmul(cols[group].T, gy_chunk[group])
         return gw
 
-    parts = _image_parts(xp, geo, work)
+    parts = _image_parts(xp, geo, work, gy_groups.dtype.itemsize)
     gw = parts[0]
     for part in parts[1:]:
         gw += part
@@ -307,7 +307,7 @@ def _col2im_input_gradient(xp, gy_groups, weight, geo):
                 part = contributions[offset].reshape(g, n, geo.out_h, geo.out_w, geo.cg)
                 geo.offset_view(target, i, j)[...] += part.transpose(1, 2, 3, 0, 4)
 
-    _image_parts(xp, geo, work)
+    _image_parts(xp, geo, work, gy_groups.dtype.itemsize)
     return geo.interior(gx_padded)
 
 

@@ -114,7 +114,8 @@ def _batch_parts(xp, geo, work):
     if xp is not np:
         work(0, geo.n)
     else:
-        cpu_threads.map_parts(work, geo.n, min_per_part=max(1, _MIN_THREAD_ELEMENTS // (geo.c * geo.h * geo.w)))
+        per_image = max(1, geo.c * geo.h * geo.w)  # (0 for empty maps)
+        cpu_threads.map_parts(work, geo.n, min_per_part=max(1, _MIN_THREAD_ELEMENTS // per_image))
 
 
 class MaxPool2d(Function):
