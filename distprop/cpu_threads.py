@@ -103,8 +103,9 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(threads: int) -> None:
-    """Set the threads of BLAS and of distprop's CPU ops together (like torch.set_num_threads).
-    Inside a single_threaded_blas() block it takes effect when the block closes."""
+    """Set the threads of BLAS and of distprop's CPU ops together (like torch.set_num_threads);
+    call it on the main thread (OpenBLAS ignores the others). Inside a
+    single_threaded_blas() block it takes effect when the block closes."""
     global _saved_blas_threads
     threads = int(threads)
     if threads < 1:
