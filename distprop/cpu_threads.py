@@ -31,9 +31,9 @@ import numpy as np
 
 from distprop.backend import get_array_module
 
-# Handing a part to a pool thread and waiting for it took 20-90 us here (the higher
-# figure on a shared VM), so each part should hold a few hundred microseconds of work:
-# below about this many FLOPs per thread, a GEMM is not split.
+# Handing a part to a pool thread and waiting for it took 70-90 us here (a shared VM),
+# so each part should hold a few hundred microseconds of work: below about this many
+# FLOPs per thread, a GEMM is not split.
 _MIN_THREAD_FLOPS = 20_000_000
 # `_gemm` blocks products whose narrow side (k*n, or m*n for a long reduction) has
 # _TINY_ELEMENTS to _NARROW_ELEMENTS elements, in blocks of _MIN_BLOCK to _MAX_BLOCK
