@@ -15,6 +15,7 @@ echo "== single-process suite on cupy arrays"
 timeout $((budget / 3)) $python -m pytest -q -x --device gpu -p no:cacheprovider \
   tests/test_parallel_gpu.py tests/test_autograd.py tests/test_functional_linear.py \
   tests/test_functional_losses.py tests/test_functional_conv.py tests/test_functional_normalization.py \
+  tests/test_functional_pooling.py tests/test_functional_attention.py tests/test_functional_arithmetic.py \
   tests/test_nn_layers.py 2>&1 | tail -15
 echo "== data-parallel tests, 2 ranks on one GPU"
 timeout $((budget / 4)) "$mpiexec" --oversubscribe -n 2 $python -m pytest -q -x --with-mpi --device gpu \
