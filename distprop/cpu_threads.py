@@ -301,9 +301,7 @@ def _gemm(a, b, out=None):
     block products summed afterwards.
     """
     m, k = a.shape
-    n = b.shape[1]
-    if _aliases(out, a, b):
-        return np.matmul(a, b, out=out)
+    n = b.shape[1]  # (an `out` overlapping a or b never gets here: matmul hands it to numpy)
     if _row_blocks(m, k * n):
         block = _block_length(k * n)
         if out is None:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from distprop import host_memory
+
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the malloc tuning applies to glibc only")
 
@@ -54,3 +56,40 @@ def test_opting_out_leaves_malloc_alone():
         pytest.skip(f"this glibc kept the memory by itself ({faults} faults): nothing to compare")
     # glibc's default gave much of the 24 MiB back: fresh pages again on every cycle
     assert _faults("1")[1] < faults / 10
+
+
+class _FakeMallopt:
+    """Stands in for libc's mallopt: records the calls, accepts mmap thresholds up to `cap`."""
+
+    def __init__(self, cap):
+        self.cap, self.calls = cap, []
+
+    def __call__(self, parameter, value):
+        self.calls.append((parameter, value))
+        return int(parameter != host_memory._M_MMAP_THRESHOLD or value <= self.cap)
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    def install(cap):
+        fake = _FakeMallopt(cap)
+        monkeypatch.setattr(host_memory, "_applied", False)
+        monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: type("Libc", (), {"mallopt": fake})())
+        monkeypatch.setattr(host_memory.platform, "system", lambda: "Linux")
+        monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.17"))
+        monkeypatch.delenv("DISTPROP_RETAIN_HOST_MEMORY", raising=False)
+        return fake
+    return install
+
+
+def test_an_older_glibc_gets_the_32_mib_mmap_threshold(fake_libc):
+    fake = fake_libc(cap=32 << 20)
+    assert host_memory.retain_freed_memory()
+    mmap, trim = host_memory._M_MMAP_THRESHOLD, host_memory._M_TRIM_THRESHOLD
+    assert fake.calls == [(mmap, 256 << 20), (mmap, 32 << 20), (trim, 1 << 30)]
+
+
+def test_malloc_is_left_alone_when_no_mmap_threshold_is_accepted(fake_libc):
+    fake = fake_libc(cap=0)
+    assert not host_memory.retain_freed_memory()
+    assert all(parameter == host_memory._M_MMAP_THRESHOLD for parameter, _ in fake.calls)  # no trim threshold
