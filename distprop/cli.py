@@ -10,6 +10,10 @@ from distprop.errors import UserError
 
 # name -> (module providing `configure(parser)` and `run(args) -> int`, help line)
 COMMANDS = {
+    "train": ("distprop.train.cli", "run a data-parallel training job: config, evaluation, checkpoints, resume"),
+    "launch": ("distprop.launcher.cli", "start N processes through the installed MPI, or check a cluster (--check)"),
+    "scale": ("distprop.scaling.cli", "scaling experiments: sweeps over rank counts, predictions, plots"),
+    "plot": ("distprop.train.plot", "draw loss, accuracy and throughput of one or more runs to PNG"),
     "data": ("distprop.data.cli", "datasets in distprop's Parquet format: converters, synthetic data, info"),
     "bench": ("distprop.bench.cli", "benchmarks that print ratios against a reference"),
 }
