@@ -13,21 +13,18 @@ Small gradients are packed into one contiguous buffer per bucket (their `.grad`
 then stays a view into it, so later passes accumulate in place and need no copy);
 a gradient of at least `inplace_bytes` is a bucket of its own, reduced in place on
 its `.grad` -- packing it would cost a copy and save next to nothing in latency.
-The shared-memory transport (parallel.shm) provides every bucket's buffer itself.
+How a bucket is averaged is a transport's job (parallel.transports); the
+shared-memory one provides every bucket's buffer itself.
 """
 
 from __future__ import annotations
 
 import functools
-import queue
-import sys
-import threading
 import time
-
-import numpy as np
 
 from distprop import autograd, backend
 from distprop.backend import get_array_module
+from distprop.parallel.transports import make_transport
 
 
 class Bucket:
@@ -100,14 +97,6 @@ class Bucket:
     def flat_gradient(self):
         return self.params[0].grad.reshape(-1) if self.in_place else self.buffer
 
-    def reduce(self, comm) -> None:
-        """Allreduce this bucket (blocking) and leave the mean in the gradients."""
-        gradient = self.flat_gradient()
-        wire = self.wire if self.wire is not None else gradient
-        self.compression.compress(gradient, wire, comm.size)
-        comm.allreduce_(wire, self.compression.reduce_op)
-        self.compression.decompress(wire, gradient, comm.size)
-
     def reset(self) -> None:
         self.ready = [False] * len(self.params)
 
@@ -145,225 +134,6 @@ def assign_buckets(named_params, cap_bytes: int, first_cap_bytes: int, inplace_b
     return groups
 
 
-class Work:
-    """A bucket reduction in flight; `wait()` returns when its gradients hold the mean."""
-
-    def __init__(self, bucket):
-        self.bucket = bucket
-        self._done = threading.Event()
-        self.error = None
-
-    def finish(self, error=None):
-        self.error = error
-        self._done.set()
-
-    def wait(self) -> None:
-        self._done.wait()
-        if self.error is not None:
-            raise RuntimeError(f"allreduce of {self.bucket.describe()} failed: {self.error}") from self.error
-
-
-class BackgroundTransport:
-    """Runs bucket reductions, in submission order, on a background thread; the
-    training thread keeps computing meanwhile (numpy and mpi4py release the GIL).
-    Subclasses define `reduce(bucket)`, which runs on that thread."""
-
-    name = "background"
-
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._gpu = backend.current_gpu_id() if backend.gpu_available() else None
-        self._thread = threading.Thread(target=self._run, name=f"distprop-{self.name}-allreduce", daemon=True)
-        self._thread.start()
-
-    def reduce(self, bucket) -> None:
-        raise NotImplementedError
-
-    def start(self, bucket) -> Work:
-        work = Work(bucket)
-        self._jobs.put(work)
-        return work
-
-    def progress(self) -> None:
-        pass  # the thread progresses on its own
-
-    def _run(self) -> None:
-        if self._gpu is not None:
-            backend.use_gpu(self._gpu)  # the current GPU is per thread
-        while True:
-            work = self._jobs.get()
-            if work is None:
-                return
-            try:
-                self.reduce(work.bucket)
-            except BaseException as error:  # handed to the waiting thread
-                work.finish(error)
-            else:
-                work.finish()
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():  # else a reduction is stuck in them: leave them be
-            self._free_communicators()
-
-    def _free_communicators(self) -> None:
-        pass
-
-
-class ThreadTransport(BackgroundTransport):
-    """Blocking MPI allreduces on the background thread, on a communicator of its
-    own. Preferred over MPI_Iallreduce: on shared memory, Open MPI's blocking
-    allreduce measured several times faster than its nonblocking one, which also
-    only progresses while the training thread calls into MPI."""
-
-    name = "thread"
-
-    def __init__(self, comm):
-        self.comm = comm.dup()
-        super().__init__()
-
-    def reduce(self, bucket) -> None:
-        bucket.reduce(self.comm)
-
-    def _free_communicators(self) -> None:
-        self.comm.free()
-
-
-class IallreduceWork(Work):
-    def __init__(self, bucket, request, comm):
-        super().__init__(bucket)
-        self.request, self.comm = request, comm
-
-    def wait(self) -> None:
-        with self.comm._guard(f"allreduce of {self.bucket.describe()}"):
-            self.request.Wait()
-        bucket = self.bucket
-        gradient = bucket.flat_gradient()
-        bucket.compression.decompress(bucket.wire if bucket.wire is not None else gradient, gradient,
-                                      self.comm.size)
-
-
-class IallreduceTransport:
-    """MPI_Iallreduce per bucket, started from the training thread; MPI progresses it
-    whenever the training thread enters MPI (each gradient hook tests the requests)."""
-
-    name = "iallreduce"
-
-    def __init__(self, comm):
-        from mpi4py import MPI
-
-        from distprop.parallel.compression import mpi_bf16_sum_op
-
-        self.MPI = MPI
-        self.comm = comm.dup()
-        self._bf16_op = mpi_bf16_sum_op
-        self._pending = []  # requests to progress; completed ones are dropped at the next start
-
-    def start(self, bucket) -> Work:
-        gradient = bucket.flat_gradient()
-        wire = bucket.wire if bucket.wire is not None else gradient
-        bucket.compression.compress(gradient, wire, self.comm.size)
-        op = self._bf16_op() if bucket.compression.reduce_op == "bf16_sum" else self.MPI.SUM
-        request = self.comm.mpi_comm.Iallreduce(self.MPI.IN_PLACE, wire, op=op)
-        self._pending = [r for r in self._pending if r != self.MPI.REQUEST_NULL]  # Wait() nulls them
-        self._pending.append(request)
-        return IallreduceWork(bucket, request, self.comm)
-
-    def progress(self) -> None:
-        if self._pending:
-            self.MPI.Request.Testall(self._pending)
-
-    def close(self) -> None:
-        self._pending = []
-        self.comm.free()
-
-
-class NcclTransport:
-    """NCCL on its own CUDA stream: reductions queue after the gradients' kernels and
-    the compute stream waits for them before the optimizer runs; no host blocking."""
-
-    name = "nccl"
-
-    def __init__(self, comm):
-        self.comm = comm
-        self.nccl = comm.nccl
-
-    def start(self, bucket) -> Work:
-        work = _StreamWork(bucket, self.nccl)
-        with self.nccl.after_current_work():
-            gradient = bucket.flat_gradient()
-            wire = bucket.wire if bucket.wire is not None else gradient
-            bucket.compression.compress(gradient, wire, self.comm.size)
-            self.nccl.allreduce_on_stream_(wire, bucket.compression.reduce_op)
-            bucket.compression.decompress(wire, gradient, self.comm.size)
-            work.event = self.nccl.record()
-        return work
-
-    def progress(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _StreamWork(Work):
-    def __init__(self, bucket, nccl):
-        super().__init__(bucket)
-        self.nccl, self.event = nccl, None
-
-    def wait(self) -> None:
-        self.nccl.make_current_wait(self.event)
-
-
-TRANSPORTS = (None, "shm", "thread", "iallreduce")
-
-
-def make_transport(kind, comm, on_gpu: bool, layouts, compression):
-    """The transport for `kind` (None: the fastest that applies), given the buckets'
-    (element count, dtype) layouts. GPU gradients with NCCL always use NCCL."""
-    if kind not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
-    if on_gpu:
-        if getattr(comm, "nccl", None) is not None:
-            return NcclTransport(comm)
-        if kind == "iallreduce" or kind == "shm":
-            raise ValueError(f"transport={kind!r} needs host arrays; GPU gradients use NCCL or 'thread'")
-        return ThreadTransport(comm)
-    automatic = kind is None
-    if automatic:
-        kind = "shm" if _shm_applies(comm, layouts, compression) else "thread"
-    if kind == "shm":
-        from distprop.parallel.shm import ShmTransport
-
-        if compression.wire_dtype is not None:
-            raise ValueError("compression does not apply to transport='shm' (no wire to narrow)")
-        try:
-            return ShmTransport(comm, layouts)
-        except OSError as error:  # raised on every rank alike, so all fall back alike
-            if not automatic:
-                raise
-            if comm.rank == 0:
-                print(f"distprop: {error}; gradients are reduced with transport='thread'", file=sys.stderr)
-    if kind == "iallreduce":
-        return IallreduceTransport(comm)
-    return ThreadTransport(comm)
-
-
-def _shm_applies(comm, layouts, compression) -> bool:
-    """Shared memory pays where ranks share a node, every node has as many ranks
-    (chunks are matched across nodes), and /dev/shm has room -- agreed by all ranks."""
-    from distprop.parallel.shm import ALIGN, shared_memory_usable
-
-    if compression.wire_dtype is not None or comm.local_size == 1 or not hasattr(comm, "mpi_comm"):
-        return False
-    sizes = comm.allreduce(np.array([comm.local_size, -comm.local_size]), "max")
-    if sizes[0] != -sizes[1]:
-        return False
-    nbytes = sum(count * np.dtype(dtype).itemsize + ALIGN for count, dtype in layouts)
-    return shared_memory_usable(comm, nbytes)
-
-
 class Reducer:
     """Averages the gradients of `named_params` over `comm` during backward."""
 
@@ -385,7 +155,7 @@ class Reducer:
         self.expecting_sync = False  # set by the forward pass that will be synchronised
         self._in_pass = False
         self._next_bucket = 0
-        self._works: list[Work] = []
+        self._works = []  # transports.base.Work of the buckets started in this pass
         self.steps = 0
         # Seconds the training thread spent on synchronisation (hooks, and waiting for
         # the reductions at the end of backward): what a step pays for it, as long as

@@ -1,0 +1,94 @@
+"""What every gradient transport shares: the handle of a reduction in flight, and
+the background thread that runs blocking reductions while backward continues.
+
+A transport takes the reducer's buckets one at a time, in the same order on every
+rank, and averages each over the ranks. It needs of a bucket only: `index`,
+`flat_gradient()` (the contiguous gradient to average), `wire` (a narrower buffer
+for compression, or None), `compression` and `describe()`.
+
+Interface: `start(bucket) -> Work`, `progress()` (called from the gradient hooks),
+`close()`; optionally `bucket_buffers()`, storage the buckets must use.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from distprop import backend
+
+
+class Work:
+    """A bucket reduction in flight; `wait()` returns when its gradients hold the mean."""
+
+    def __init__(self, bucket):
+        self.bucket = bucket
+        self._done = threading.Event()
+        self.error = None
+
+    def finish(self, error=None):
+        self.error = error
+        self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"allreduce of {self.bucket.describe()} failed: {self.error}") from self.error
+
+
+def allreduce_mean(bucket, comm) -> None:
+    """Average one bucket over `comm` with a blocking allreduce, through its wire
+    dtype when compressed."""
+    gradient = bucket.flat_gradient()
+    wire = bucket.wire if bucket.wire is not None else gradient
+    bucket.compression.compress(gradient, wire, comm.size)
+    comm.allreduce_(wire, bucket.compression.reduce_op)
+    bucket.compression.decompress(wire, gradient, comm.size)
+
+
+class BackgroundTransport:
+    """Runs bucket reductions, in submission order, on a background thread; the
+    training thread keeps computing meanwhile (numpy and mpi4py release the GIL).
+    Subclasses define `reduce(bucket)`, which runs on that thread."""
+
+    name = "background"
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._gpu = backend.current_gpu_id() if backend.gpu_available() else None
+        self._thread = threading.Thread(target=self._run, name=f"distprop-{self.name}-allreduce", daemon=True)
+        self._thread.start()
+
+    def reduce(self, bucket) -> None:
+        raise NotImplementedError
+
+    def start(self, bucket) -> Work:
+        work = Work(bucket)
+        self._jobs.put(work)
+        return work
+
+    def progress(self) -> None:
+        pass  # the thread progresses on its own
+
+    def _run(self) -> None:
+        if self._gpu is not None:
+            backend.use_gpu(self._gpu)  # the current GPU is per thread
+        while True:
+            work = self._jobs.get()
+            if work is None:
+                return
+            try:
+                self.reduce(work.bucket)
+            except BaseException as error:  # handed to the waiting thread
+                work.finish(error)
+            else:
+                work.finish()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # else a reduction is stuck in them: leave them be
+            self._free_communicators()
+
+    def _free_communicators(self) -> None:
+        pass
