@@ -161,6 +161,10 @@ class Reducer:
         # the reductions at the end of backward): what a step pays for it, as long as
         # the background work overlaps with backward.
         self.sync_seconds = 0.0
+        # Optional callback(wait_started, works) after each synchronised pass: when the
+        # training thread began waiting for the reductions (the end of backward's own
+        # work), and each bucket's Work with its started/finished stamps.
+        self.trace = None
 
     # ---- during backward ------------------------------------------------------
     def begin_pass(self) -> None:
@@ -196,6 +200,8 @@ class Reducer:
             self._start_ready_buckets()
             for work in self._works:
                 work.wait()
+            if self.trace is not None:
+                self.trace(start, self._works)
         finally:
             self._end_pass()
             self.sync_seconds += time.perf_counter() - start

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from distprop import backend
 
@@ -25,9 +26,14 @@ class Work:
         self.bucket = bucket
         self._done = threading.Event()
         self.error = None
+        # perf_counter() stamps for timelines (Reducer.trace): handed to the transport
+        # (a background thread re-stamps when it takes the bucket up) and finished
+        # (None where the transport does not know, e.g. a nonblocking MPI request).
+        self.started, self.finished = time.perf_counter(), None
 
     def finish(self, error=None):
         self.error = error
+        self.finished = time.perf_counter()
         self._done.set()
 
     def wait(self) -> None:
@@ -77,6 +83,7 @@ class BackgroundTransport:
             work = self._jobs.get()
             if work is None:
                 return
+            work.started = time.perf_counter()
             try:
                 self.reduce(work.bucket)
             except BaseException as error:  # handed to the waiting thread
