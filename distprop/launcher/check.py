@@ -1,0 +1,152 @@
+"""The program every rank runs for `distprop launch --check`: what each rank sees
+(host, ranks, device, threads, MPI library, CUDA-aware MPI, NCCL), one allreduce
+and one broadcast verified, and the allreduce bus bandwidth of distprop beside a
+raw mpi4py `Allreduce` of the same buffer, measured in turns in the same run.
+
+Every verdict is agreed by all ranks before any of them reports or exits, so a
+failure on one rank fails the check everywhere instead of leaving others waiting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import sys
+import time
+
+import numpy as np
+
+SIZES = (8 * 2**20, 64 * 2**20)  # bytes: a mid-size gradient bucket, and a whole model's gradients
+ITERATIONS = 20
+WARMUP = 3
+VERIFY_ELEMENTS = 2**20  # float64: every partial sum is an exact integer
+
+
+def mpi_library() -> str:
+    from mpi4py import MPI
+
+    first = MPI.Get_library_version().strip().splitlines()[0].split(",")[0]
+    return " ".join(first.replace("Version:", "").split())  # "Open MPI v5.0.11", "MPICH 5.0.2"
+
+
+def cuda_aware() -> str:
+    """Whether the MPI library can take GPU buffers, asked of the library itself
+    (Open MPI's MPIX_Query_cuda_support, MPICH's MPIX_GPU_query_support)."""
+    import mpi4py.MPI  # noqa: F401  (loads libmpi into this process)
+
+    try:
+        paths = {line.split()[-1] for line in open("/proc/self/maps") if "/libmpi" in line}
+    except OSError:
+        return "unknown"
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "MPIX_GPU_query_support"):
+            supported = ctypes.c_int(0)
+            if lib.MPIX_GPU_query_support(0, ctypes.byref(supported)) == 0:  # 0: MPIX_GPU_SUPPORT_CUDA
+                return "yes" if supported.value else "no"
+        if hasattr(lib, "MPIX_Query_cuda_support"):
+            return "yes" if lib.MPIX_Query_cuda_support() else "no"
+    return "unknown"
+
+
+def describe(comm, device: str) -> str:
+    import distprop as dp
+    from distprop import backend
+
+    where = f"gpu {backend.current_gpu_id()}" if device == "gpu" else "cpu"
+    return (f"rank {comm.rank}/{comm.size}  host {socket.gethostname()}  local rank {comm.local_rank}/"
+            f"{comm.local_size}  {where}  threads {dp.get_num_threads()}  {mpi_library()}  "
+            f"CUDA-aware MPI: {cuda_aware()}  NCCL: {'yes' if backend.nccl_module() else 'no'}")
+
+
+def verify(comm, xp) -> tuple[bool, bool]:
+    """(allreduce right, broadcast right) on this rank, for buffers of array module xp."""
+    values = xp.arange(VERIFY_ELEMENTS, dtype=np.float64)
+    summed = values * (comm.rank + 1)
+    comm.allreduce_(summed, "sum")
+    allreduce_ok = bool((summed == values * (comm.size * (comm.size + 1) // 2)).all())
+    sent = values + 0.5 if comm.rank == 0 else xp.zeros_like(values)
+    comm.bcast_(sent, root=0)
+    return allreduce_ok, bool((sent == values + 0.5).all())
+
+
+def _seconds(comm, function) -> float:
+    """One call's time, as the slowest rank saw it; the ranks start it together."""
+    comm.barrier()
+    start = time.perf_counter()
+    function()
+    return comm.allreduce(time.perf_counter() - start, "max")
+
+
+def bandwidth(comm, nbytes: int, xp, raw: bool) -> tuple[float | None, float]:
+    """Median seconds of one allreduce of `nbytes` float32: (raw mpi4py or None, distprop).
+    The two run in turns, so a busy neighbour slows both alike."""
+    from distprop import backend
+
+    buffer = xp.ones(nbytes // 4, dtype=np.float32)
+
+    def ours():
+        comm.allreduce_(buffer, "sum")
+        backend.synchronize()
+
+    def mpi4py_allreduce():
+        comm.mpi_comm.Allreduce(comm.MPI.IN_PLACE, buffer)
+
+    raw_times, our_times = [], []
+    for i in range(WARMUP + ITERATIONS):
+        if raw:
+            raw_times.append(_seconds(comm, mpi4py_allreduce))
+        our_times.append(_seconds(comm, ours))
+    return (float(np.median(raw_times[WARMUP:])) if raw else None), float(np.median(our_times[WARMUP:]))
+
+
+def _gbps(nbytes: int, seconds: float | None, factor: float) -> str:
+    return "-" if seconds is None else f"{nbytes / seconds / 1e9 * factor:.2f}"
+
+
+def main() -> int:
+    import distprop as dp
+    from distprop import backend
+
+    comm = dp.init()
+    device = "gpu" if comm.allreduce(int(backend.gpu_available()), "min") else "cpu"  # init's own rule
+    lines = comm.allgather_object(describe(comm, device))
+    buffers = [("host", np)] + ([("gpu", backend.cupy_module())] if device == "gpu" else [])
+    verdicts = {kind: comm.allgather_object(verify(comm, xp)) for kind, xp in buffers}
+    failures = [f"{'allreduce' if which == 0 else 'broadcast'} of {kind} buffers wrong on rank(s) "
+                f"{[r for r, oks in enumerate(per_rank) if not oks[which]]}"
+                for kind, per_rank in verdicts.items() for which in (0, 1)
+                if not all(oks[which] for oks in per_rank)]
+    out = sys.stdout if comm.rank == 0 else None
+    if out:
+        hosts = len({line.split("  host ")[1].split()[0] for line in lines})
+        print(f"distprop launch --check: {comm.size} rank(s) on {hosts} host(s)", file=out)
+        for line in lines:
+            print(f"  {line}", file=out)
+        for kind in verdicts:
+            ok = not any(kind + " buffers" in f for f in failures)
+            print(f"allreduce and broadcast of {VERIFY_ELEMENTS} float64 ({kind} buffers): "
+                  f"{'ok' if ok else 'WRONG'}", file=out)
+        out.flush()
+    if comm.size > 1 and not failures:
+        factor = 2 * (comm.size - 1) / comm.size  # bus bandwidth, as nccl-tests defines it for allreduce
+        if out:
+            print(f"allreduce bus bandwidth, float32, median of {ITERATIONS} (slowest rank each time):", file=out)
+            print(f"  {'size':>7} {'buffers':>8} {'mpi4py GB/s':>12} {'distprop GB/s':>14} {'distprop/mpi4py':>16}",
+                  file=out)
+        for nbytes in SIZES:
+            for kind, xp in buffers:
+                raw, ours = bandwidth(comm, nbytes, xp, raw=kind == "host")
+                ratio = "-" if raw is None else f"{raw / ours:.2f}"
+                if out:
+                    print(f"  {nbytes // 2**20:>4} MB {kind:>8} {_gbps(nbytes, raw, factor):>12} "
+                          f"{_gbps(nbytes, ours, factor):>14} {ratio:>16}", file=out, flush=True)
+    if out and comm.size == 1:
+        print("allreduce bus bandwidth: needs 2 ranks or more", file=out)
+    if out:
+        print("check failed: " + "; ".join(failures) if failures else "check passed", file=out, flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

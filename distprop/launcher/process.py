@@ -1,0 +1,55 @@
+"""Running the launcher command (mpiexec or srun) so that nothing outlives us.
+
+The command runs as our child. Signals sent to us (Ctrl-C, `kill`, a lost login's
+SIGHUP, Slurm's warning signals) are passed on to it, and it ends every rank.
+SIGKILL cannot be passed on: for that the child holds a parent-death signal
+(Linux's PR_SET_PDEATHSIG), so the kernel sends it SIGTERM the moment we die and
+it ends the ranks as for any SIGTERM. A plain mpiexec does not protect itself this
+way: Open MPI 5's, killed with SIGKILL, leaves its ranks running (seen here; MPICH's
+proxies do end theirs). Both take a signal that arrives twice (from the terminal
+and from us) like one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+_PR_SET_PDEATHSIG = 1
+
+
+def _death_signal_setter():
+    """A function for the child (between fork and exec) that asks for SIGTERM when
+    its parent dies, or None where the platform has no such thing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # we died before the request took: nobody will send it
+            os._exit(1)
+
+    return set_death_signal
+
+
+def run(argv: list[str], env: dict[str, str]) -> int:
+    """Run argv to its end; its exit status (128 + N for a death by signal N, as a shell says)."""
+    setter = _death_signal_setter()
+    if setter is None:  # no parent-death signal: become the command, so a kill reaches it directly
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(argv[0], argv, env)
+    child = subprocess.Popen(argv, env=env, preexec_fn=setter)
+    previous = {sig: signal.signal(sig, lambda number, _frame: child.send_signal(number)) for sig in FORWARDED}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
