@@ -46,10 +46,12 @@ class DeviceFeeder:
             self._staging[name] = buffer
         return buffer[:shape[0]]
 
-    def to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict, finish=None) -> dict:
         """The batch with every ndarray copied to the GPU (other values pass through).
         Arrays that are not already this feeder's staging buffers are first copied
-        into them, so every transfer is from pinned memory."""
+        into them, so every transfer is from pinned memory. `finish` (device batch ->
+        device batch: the images' deferred ToTensor/Normalize) runs on the copy
+        stream, after the copies, before the batch is handed over."""
         cp = self._cp
         with cp.cuda.Device(self.device_id):
             if self._stream is None:
@@ -66,5 +68,8 @@ class DeviceFeeder:
                 self._stream.wait_event(self._consumer_stream.record())  # recorded after the allocation
                 device_array.set(pinned, stream=self._stream)
                 out[name] = device_array
+            if finish is not None:
+                with self._stream:
+                    out = finish(out)
             self._stream.synchronize()
         return out

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distprop.data.format import ColumnSpec, column_spec
+from distprop.data.format import ARRAY, LIST, ColumnSpec, column_spec, first_row_shape, list_to_numpy
 from distprop.data.storage import Location, dataset_kind, first_line, list_dataset_files, open_input, resolve
 from distprop.errors import ConfigError, DataError
 
@@ -72,10 +72,15 @@ class DatasetIndex:
         self.fingerprint = self._fingerprint()
 
     @classmethod
-    def open(cls, path_or_uri, columns: ColumnsArg = None, filesystem=None) -> "DatasetIndex":
+    def open(cls, path_or_uri, columns: ColumnsArg = None, filesystem=None,
+             sequences: Sequence[str] = ()) -> "DatasetIndex":
         """Index the dataset at a path or URI (a directory searched recursively, or one
         file); raises DataError naming the file (and column) for anything unreadable,
-        inconsistent across files, or not as `columns` expects."""
+        inconsistent across files, or not as `columns` expects.
+
+        Variable-length list columns are tensors whose shape is read from the first
+        row (the first block is checked whole here, every other block when it is
+        read), except those named in `sequences`, which keep rows of any length."""
         location = resolve(path_or_uri, filesystem)
         wanted, expected = _normalize_columns(columns)
         files, blocks, specs = [], [], None
@@ -83,7 +88,6 @@ class DatasetIndex:
             data_file, schema, block_rows = _read_footer(file_location)
             file_specs = _select_columns(schema, wanted, file_location.display)
             if specs is None:
-                _check_expected(file_specs, expected, file_location.display)
                 specs, first = file_specs, file_location.display
             else:
                 _check_same_columns(file_specs, specs, file_location.display, first, strict_names=wanted is None)
@@ -91,6 +95,14 @@ class DatasetIndex:
             blocks.extend(Block(number, part, rows) for part, rows in enumerate(block_rows) if rows > 0)
         if not blocks:
             raise DataError(f"{location.display}: the dataset has no rows")
+        for name in sequences:
+            if name not in specs or specs[name].kind != LIST or specs[name].dtype.kind not in "iu":
+                found = specs[name].describe() if name in specs else "no such column"
+                raise DataError(f"{first}: column {name!r} should hold token sequences (lists of integers); "
+                                f"found {found}")
+        specs = {name: _list_shape(spec, files[blocks[0].file], blocks[0])
+                 if spec.kind == LIST and name not in sequences else spec for name, spec in specs.items()}
+        _check_expected(specs, expected, first)
         return cls(location, files, blocks, specs)
 
     def block_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +117,10 @@ class DatasetIndex:
         plan = {
             "files": names,
             "blocks": [[b.file, b.part, b.num_rows] for b in self.blocks],
-            "columns": [[s.name, s.dtype.str, list(s.shape)] for s in self.columns.values()],
+            # The kind is named only where it is not a plain array, so that fingerprints
+            # (and the loader states saved with them) of numeric datasets stay as they were.
+            "columns": [[s.name, s.dtype.str, None if s.shape is None else list(s.shape)]
+                        + ([s.kind] if s.kind != ARRAY else []) for s in self.columns.values()],
         }
         return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -145,6 +160,35 @@ def _read_footer(location: Location) -> tuple[DataFile, pa.Schema, list[int]]:
     except (pa.ArrowException, OSError, ValueError) as error:
         what = "Parquet" if kind == "parquet" else "Arrow IPC"
         raise DataError(f"{location.display}: not a readable {what} file ({first_line(error)})") from None
+
+
+def read_block_columns(data_file: DataFile, part: int, names: list[str]) -> pa.Table:
+    """Columns `names` of one block, opened for this one read."""
+    with open_input(data_file.location, memory_map=data_file.kind == "ipc") as source:
+        if data_file.kind == "parquet":
+            return pq.ParquetFile(source, metadata=data_file.metadata).read_row_group(
+                part, columns=names, use_threads=False)
+        return pa.ipc.open_file(source).get_batch(part).select(names)
+
+
+def _list_shape(spec: ColumnSpec, data_file: DataFile, block: Block) -> ColumnSpec:
+    """`spec` with the shape of its column's first row, after checking that the rest
+    of the first block matches it."""
+    where = f"{data_file.location.display} ({'row group' if data_file.kind == 'parquet' else 'record batch'} " \
+            f"{block.part})"
+    try:
+        column = read_block_columns(data_file, block.part, [spec.name]).column(0)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise DataError(f"{where}: cannot read column {spec.name!r} ({first_line(error)})") from None
+    if column.null_count:
+        raise DataError(f"{where}: column {spec.name!r} has null lists")
+    resolved = ColumnSpec(spec.name, spec.dtype, first_row_shape(column), LIST)
+    try:
+        list_to_numpy(column, resolved, where)
+    except DataError as error:
+        raise DataError(f"{error}; variable-length lists are tensors only when every row has the same "
+                        "length (for token sequences ask the loader for sequence_length=...)") from None
+    return resolved
 
 
 def _select_columns(schema: pa.Schema, wanted: list[str] | None, where: str) -> dict[str, ColumnSpec]:

@@ -1,31 +1,22 @@
 """One rank's epoch as a stream of assembled batches: which blocks each batch needs,
-reading them on a pool of threads with bounded read-ahead, and gathering each
-batch's rows with one copy per column.
+and, with ``num_workers=0``, reading them on a pool of threads with bounded
+read-ahead and building each batch in this process (see `distprop.data.batch`).
 
-Runs inside the loader's background thread (see `distprop.data.prefetch`).
+Runs inside the loader's background thread (see `distprop.data.prefetch`); with
+worker processes `distprop.data.workers` takes the building part.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
-from distprop.data.index import DatasetIndex
+from distprop.data.batch import BatchBuilder, BatchRows, BatchSpec, prepare_block
 from distprop.data.reader import BlockReader
 from distprop.data.sampler import EpochOrder, RankPlan
-
-
-@dataclass(frozen=True)
-class _BatchRows:
-    """One batch's rows, grouped by block: rows block_local[bounds[j]:bounds[j+1]] come
-    from the block that schedule entry entries[j] reads."""
-
-    entries: np.ndarray
-    bounds: np.ndarray
-    block_local: np.ndarray
 
 
 class Schedule:
@@ -37,18 +28,20 @@ class Schedule:
     padding, a re-sharded stretch) reads it again rather than pinning it in memory.
     """
 
-    def __init__(self, index: DatasetIndex, order: EpochOrder, plan: RankPlan, start: int, window: int):
+    def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int):
         self.start = start
-        self.batches: list[_BatchRows] = []
+        self.batches: list[tuple[np.ndarray, BatchRows]] = []  # (schedule entries, rows) per batch
         self.entry_block: list[int] = []   # block read by each entry
         self.entry_first: list[int] = []   # first batch needing it
         self.release_after: dict[int, list[int]] = {}  # batch -> entries no longer needed after it
-        horizon = -(-window * int(index.block_rows.max()) // plan.batch_size) + 1
+        block_first = spec.sample_block_starts  # first sample id of each block
+        horizon = -(-window * int(spec.samples_per_block.max()) // plan.batch_size) + 1
         current: dict[int, int] = {}       # block -> its open entry
         entry_last: list[int] = []
         for batch in range(start, plan.num_batches):
             rows = np.concatenate([order.rows(lo, hi) for lo, hi in plan.batch_positions(batch)])
-            block, local = index.block_of_rows(rows)
+            block = np.searchsorted(block_first, rows, side="right") - 1
+            local = rows - block_first[block]
             grouping = np.argsort(block, kind="stable")
             block, local = block[grouping], local[grouping]
             blocks, starts = np.unique(block, return_index=True)
@@ -64,76 +57,96 @@ class Schedule:
                 entry_last[entry] = batch
                 entries.append(entry)
             bounds = np.append(starts, len(block))
-            self.batches.append(_BatchRows(np.array(entries), bounds, local))
+            self.batches.append((np.array(entries), BatchRows(blocks, bounds, local)))
         for entry, last in enumerate(entry_last):
             self.release_after.setdefault(last, []).append(entry)
 
 
 class BatchProducer:
-    """Generates ``(batch number, batch)`` for the rest of a rank's epoch stage; runs in
-    the background thread, schedule included, so ``iter(loader)`` returns at once."""
+    """Generates ``(batch number, batch, skipped)`` for the rest of a rank's epoch stage
+    in this process; runs in the background thread, schedule included, so
+    ``iter(loader)`` returns at once. `finish` (host batch -> delivered batch: the user's
+    transform, the copy to the GPU) runs on each batch."""
 
-    def __init__(self, index: DatasetIndex, order: EpochOrder, plan: RankPlan, start: int, window: int,
-                 transform, feeder, num_workers: int):
-        self.index, self.order, self.plan, self.start, self.window = index, order, plan, start, window
-        self.transform, self.feeder, self.num_workers = transform, feeder, num_workers
+    _SPILL_BLOCKS = 2  # blocks kept for packed windows that run on into a block not scheduled with them
+
+    def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int,
+                 epoch: int, finish, num_threads: int, allocate=None):
+        self.spec, self.order, self.plan, self.start, self.window = spec, order, plan, start, window
+        self.epoch, self.finish, self.num_threads = epoch, finish, num_threads
+        self.allocate = allocate or (lambda name, shape, dtype: np.empty(shape, dtype))
         # Blocks held decoded or being read at once: the window being consumed plus the
         # next one (or one per reader thread, if more), so the readers decode the next
         # window while this one is consumed and memory stays at about two windows.
-        self.max_live_blocks = window + max(num_workers, window)
+        self.max_live_blocks = window + max(num_threads, window)
 
     def __call__(self):
-        schedule = Schedule(self.index, self.order, self.plan, self.start, self.window)
+        spec = self.spec
+        schedule = Schedule(spec, self.order, self.plan, self.start, self.window)
+        builder = BatchBuilder(spec, self.epoch)
         readers, local = [], threading.local()
         lock = threading.Lock()
 
-        def read(block: int):
-            reader = getattr(local, "reader", None)
-            if reader is None:
-                reader = local.reader = BlockReader(self.index)
+        def reader() -> BlockReader:
+            current = getattr(local, "reader", None)
+            if current is None:
+                current = local.reader = BlockReader(spec.index, spec.read_columns,
+                                                     lambda table, block: prepare_block(spec, table, block))
                 with lock:
-                    readers.append(reader)
-            return reader.read(block)
+                    readers.append(current)
+            return current
 
-        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="distprop-read")
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="distprop-read")
         decoded = {}
+        spilled: OrderedDict[int, dict] = OrderedDict()
         first = np.array(schedule.entry_first, dtype=np.int64)
         submitted = 0
         try:
-            for offset, rows in enumerate(schedule.batches):
+            for offset, (entries, rows) in enumerate(schedule.batches):
                 batch = schedule.start + offset
                 # Blocks this batch needs are read now; later ones while memory allows.
                 due = int(np.searchsorted(first, batch, side="right"))
                 while submitted < len(first) and (submitted < due or len(decoded) < self.max_live_blocks):
-                    decoded[submitted] = pool.submit(read, schedule.entry_block[submitted])
+                    decoded[submitted] = pool.submit(lambda b: reader().read(b), schedule.entry_block[submitted])
                     submitted += 1
-                sources = [decoded[e].result() for e in rows.entries.tolist()]
-                out = self._assemble(rows, sources)
-                del sources  # so released blocks are freed now, not after the next batch's reads
+                sources = {block: decoded[e].result() for block, e in zip(rows.blocks.tolist(), entries.tolist())}
+
+                def block_of(block: int) -> dict:
+                    if block in sources:
+                        return sources[block]
+                    if block not in spilled:
+                        spilled[block] = reader().read(block)
+                        if len(spilled) > self._SPILL_BLOCKS:
+                            spilled.popitem(last=False)
+                    return spilled[block]
+
+                out = {name: self.allocate(name, (len(rows),) + shape, dtype)
+                       for name, (dtype, shape) in spec.outputs.items()}
+                result = builder.build(rows, block_of, out)
+                sources.clear()  # so released blocks are freed now, not after the next batch's reads
                 for entry in schedule.release_after.get(batch, ()):
                     del decoded[entry]
-                if self.transform is not None:
-                    out = self.transform(out)
-                if self.feeder is not None:
-                    out = self.feeder.to_device(out)
-                yield batch, out
+                if result.size < len(rows):
+                    out = {name: array[:result.size] for name, array in out.items()}
+                yield batch, self.finish(out), result.skipped
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            for reader in readers:
-                reader.close()
+            for current in readers:
+                current.close()
 
-    def _assemble(self, rows: _BatchRows, sources: list[dict]) -> dict:
-        size = int(rows.bounds[-1])
-        stage_in_pinned = self.feeder is not None and self.transform is None
-        batch = {}
-        for name, spec in self.index.columns.items():
-            shape = (size,) + spec.shape
-            out = self.feeder.host_buffer(name, shape, spec.dtype) if stage_in_pinned \
-                else np.empty(shape, spec.dtype)
-            for j, source in enumerate(sources):
-                lo, hi = rows.bounds[j], rows.bounds[j + 1]
-                # mode="clip" lets numpy write straight into `out` (mode="raise" buffers);
-                # the indices are in range by construction.
-                np.take(source[name], rows.block_local[lo:hi], axis=0, out=out[lo:hi], mode="clip")
-            batch[name] = out
-        return batch
+
+class WorkerBatchProducer:
+    """The same stream as `BatchProducer`, built by worker processes: the schedule
+    decides each batch's samples here, a `WorkerPool` builds them, and `finish` (which
+    must copy them out of shared memory, to the host or the GPU) runs on each."""
+
+    def __init__(self, pool, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int,
+                 epoch: int, finish):
+        self.pool, self.spec, self.order, self.plan = pool, spec, order, plan
+        self.start, self.window, self.epoch, self.finish = start, window, epoch, finish
+
+    def __call__(self):
+        schedule = Schedule(self.spec, self.order, self.plan, self.start, self.window)
+        work = ((self.start + offset, rows) for offset, (_, rows) in enumerate(schedule.batches))
+        for batch, arrays, skipped in self.pool.batches(self.epoch, work, f"epoch {self.epoch}"):
+            yield batch, self.finish(arrays), skipped

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,12 +29,13 @@ class BlockReader:
 
     _OPEN_FILES = 4  # handles kept per reader; blocks come mostly from one or two files at a time
 
-    def __init__(self, index: DatasetIndex):
+    def __init__(self, index: DatasetIndex, columns: list[str] | None = None, prepare=None):
         self.index = index
-        self.names = list(index.columns)
+        self.names = list(index.columns) if columns is None else list(columns)
+        self.prepare = prepare  # (table, block number) -> dict; default: every column to numpy
         self._open: OrderedDict[int, object] = OrderedDict()
 
-    def read(self, block_number: int) -> dict[str, np.ndarray]:
+    def read(self, block_number: int) -> dict:
         block = self.index.blocks[block_number]
         where = block.describe(self.index)
         try:
@@ -47,8 +47,9 @@ class BlockReader:
         if table.num_rows != block.num_rows:
             raise DataError(f"{where}: holds {table.num_rows} rows but its footer says {block.num_rows} "
                             "(was the file changed after the loader was built?)")
-        return {name: column_to_numpy(table.column(name), spec, where)
-                for name, spec in self.index.columns.items()}
+        if self.prepare is not None:
+            return self.prepare(table, block_number)
+        return {name: column_to_numpy(table.column(name), self.index.columns[name], where) for name in self.names}
 
     def close(self) -> None:
         for _, source in self._open.values():

@@ -1,0 +1,199 @@
+"""Worker processes that build batches in shared memory (``ArrowLoader(num_workers=N)``).
+
+The loader's background thread hands out batches round-robin, batch ``k`` of a
+stretch to worker ``k mod N``, and takes them back in the same order, so the
+batches are the same whatever N is (and the same as with no workers: each sample's
+augmentation depends on its own index only). At most `slots` batches are handed
+out at once; each is built straight into its own slot of shared memory (see
+`distprop.data.shared_slots`), and only a few small numbers travel through the
+socket pair of each worker (no array is pickled).
+
+Failures end the epoch with a DataError in the training process:
+
+* a worker that raises (a corrupt image, a bad token id) sends its message, which
+  names the file, row group and row;
+* a worker that dies (killed, out of memory, a crash in a decoder) closes its end of
+  the socket, which the loader sees at once; the error says how it died and which
+  row groups and rows the batch it was building comes from.
+
+The workers are started on the first ``iter(loader)`` and kept across epochs, as
+fresh interpreters (``python -m distprop.data.worker_process``): no fork of a
+process that may hold MPI, CUDA or thread state, and the training script is not
+imported again. They stop with `close` (also called when the loader is garbage
+collected and at interpreter exit) and exit on their own if the training process
+disappears.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from multiprocessing.connection import Connection
+
+from distprop.data.batch import BatchRows, BatchSpec
+from distprop.data.shared_slots import SharedSlots, slot_layout
+from distprop.errors import DataError
+
+_STOP_WAIT_S = 1.0  # a worker still busy after this is killed: nothing it holds needs saving
+
+
+class WorkerPool:
+    """`num_workers` worker processes and the shared slots they fill."""
+
+    def __init__(self, spec: BatchSpec, num_workers: int, slots: int, batch_size: int, cache_blocks: int):
+        self.spec, self.num_workers = spec, num_workers
+        self.offsets, slot_bytes = slot_layout(spec.outputs, batch_size)
+        self.slots = SharedSlots(slots, slot_bytes)
+        self.generation = 0
+        self.outstanding: dict[int, set] = {}   # worker -> {(generation, slot)} handed out, not yet answered
+        self.processes: list[subprocess.Popen] = []
+        self.connections: list[Connection] = []
+        setup = {"spec": spec, "cache_blocks": cache_blocks, "offsets": self.offsets,
+                 "slots": slots, "slot_bytes": slot_bytes}
+        try:
+            for _ in range(num_workers):
+                self._start(setup)
+        except BaseException:
+            self.close()
+            raise
+        self._finalizer = weakref.finalize(self, _stop, self.processes, self.connections, self.slots)
+        atexit.register(self._finalizer)
+
+    def _start(self, setup: dict) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            command = [sys.executable, "-m", "distprop.data.worker_process",
+                       str(theirs.fileno()), str(self.slots.fd), str(os.getpid())]
+            environment = dict(os.environ, OMP_NUM_THREADS="1")  # one core each; the pool is the parallelism
+            process = subprocess.Popen(command, pass_fds=(theirs.fileno(), self.slots.fd), env=environment)
+        connection = Connection(ours.detach())
+        self.processes.append(process)
+        self.connections.append(connection)
+        try:
+            connection.send(setup)
+        except OSError:
+            raise DataError(self._death(len(self.processes) - 1, None, None, "its start")) from None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def close(self) -> None:
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        else:
+            _stop(self.processes, self.connections, self.slots)
+
+    # -- one stretch of an epoch --------------------------------------------------------
+
+    def batches(self, epoch: int, work, describe_epoch: str):
+        """Yield ``(batch number, arrays in a slot, samples skipped)`` for `work`, an
+        iterable of ``(batch number, BatchRows)``, in its order. The arrays are views of
+        shared memory, valid until the next batch is asked for."""
+        self._drain()
+        self.generation += 1
+        generation = self.generation
+        for connection in self.connections:
+            connection.send(("epoch", epoch))
+        work = iter(work)
+        pending: list[tuple[int, int, int, BatchRows]] = []   # (batch, worker, slot, rows) in order
+        free = list(range(self.slots.count))
+        turn = 0
+
+        def hand_out() -> bool:
+            nonlocal turn
+            item = next(work, None)
+            if item is None:
+                return False
+            batch, rows = item
+            worker, slot = turn % self.num_workers, free.pop()
+            turn += 1
+            self.connections[worker].send(("batch", generation, batch, slot, rows.blocks.tolist(),
+                                           rows.bounds.tolist(), rows.local.tolist()))
+            self.outstanding.setdefault(worker, set()).add((generation, slot))
+            pending.append((batch, worker, slot, rows))
+            return True
+
+        while free and hand_out():
+            pass
+        while pending:
+            batch, worker, slot, rows = pending.pop(0)
+            reply = self._receive(worker, batch, rows, describe_epoch)
+            _, _, _, _, size, skipped = reply
+            yield batch, self.slots.arrays(slot, self.offsets, self.spec.outputs, size), skipped
+            free.append(slot)
+            hand_out()
+
+    def _receive(self, worker: int, batch: int, rows: BatchRows, describe_epoch: str) -> tuple:
+        connection = self.connections[worker]
+        while True:
+            try:
+                reply = connection.recv()
+            except (EOFError, OSError):
+                raise DataError(self._death(worker, batch, rows, describe_epoch)) from None
+            kind, generation, _, slot = reply[:4]
+            self.outstanding[worker].discard((generation, slot))
+            if generation != self.generation:
+                continue  # an answer to a stretch that was abandoned
+            if kind == "error":
+                _, _, _, _, type_name, message, user_error = reply
+                if user_error:
+                    raise DataError(message)
+                raise DataError(f"data worker {worker} failed on batch {batch} of {describe_epoch} "
+                                f"({rows.describe(self.spec.index)}): {type_name}: {message}")
+            return reply
+
+    def _death(self, worker: int, batch: int, rows: BatchRows, describe_epoch: str) -> str:
+        process = self.processes[worker]
+        try:
+            code = process.wait(timeout=_STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            how = "closed its connection"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        where = self.spec.index.location.display
+        if rows is None:
+            return f"{where}: data worker {worker} (pid {process.pid}) {how} at {describe_epoch}"
+        return (f"{where}: data worker {worker} (pid {process.pid}) {how} while building batch {batch} of "
+                f"{describe_epoch}, from {rows.describe(self.spec.index)}")
+
+    def _drain(self) -> None:
+        """Wait for the answers still owed from an abandoned stretch, so their slots are free."""
+        for worker, owed in self.outstanding.items():
+            while owed:
+                try:
+                    reply = self.connections[worker].recv()
+                except (EOFError, OSError):
+                    raise DataError(f"{self.spec.index.location.display}: data worker {worker} (pid "
+                                    f"{self.processes[worker].pid}) died between epochs") from None
+                owed.discard((reply[1], reply[3]))
+
+
+def _stop(processes: list, connections: list, slots: SharedSlots) -> None:
+    for connection in connections:
+        try:
+            connection.send(("stop",))
+        except OSError:
+            pass
+    deadline = time.monotonic() + _STOP_WAIT_S
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # busy with a batch that is not needed any more
+            process.kill()
+            process.wait()
+    for connection in connections:
+        connection.close()
+    slots.close()
+
