@@ -41,8 +41,8 @@ def configure(parser) -> None:
     parser.add_argument("--shape", default="3,32,32", help="per-sample tensor shape (float32)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="loader decode threads (default: the loader's, one per usable core up to 4)")
+    parser.add_argument("--read-threads", type=int, default=None,
+                        help="loader block-reading threads (default: the loader's, one per usable core up to 4)")
     parser.add_argument("--window", type=int, default=4, help="loader shuffle_window (row groups)")
     parser.add_argument("--format", choices=("parquet", "ipc"), default="parquet",
                         help="layout of the synthetic dataset")
@@ -58,12 +58,12 @@ def configure(parser) -> None:
 
 def run(args) -> int:
     from distprop.data import ArrowLoader, DatasetIndex
-    from distprop.data.loader import default_num_workers, usable_cores
+    from distprop.data.loader import default_read_threads, usable_cores
     from distprop.data.synthetic import write_synthetic
 
     print(environment_note())
-    if args.workers is None:
-        args.workers = default_num_workers()
+    if args.read_threads is None:
+        args.read_threads = default_read_threads()
     if args.blas_threads is None:
         args.blas_threads = max(1, usable_cores() - 1)
     shape = tuple(int(d) for d in args.shape.split(","))
@@ -84,7 +84,7 @@ def run(args) -> int:
               f"{index.num_rows * sample_bytes / 1e9:.2f} GB decoded")
 
         def loader(epoch: int) -> ArrowLoader:
-            result = ArrowLoader(path, args.batch_size, shuffle=True, seed=0, num_workers=args.workers,
+            result = ArrowLoader(path, args.batch_size, shuffle=True, seed=0, read_threads=args.read_threads,
                                  shuffle_window=args.window, device=args.device)
             result.set_epoch(epoch)
             return result
@@ -137,7 +137,7 @@ def _throughput(index, loader, sample_bytes: int, args) -> None:
             ours.append(samples / ours_time)
     reference_rate, ours_rate = float(np.median(reference)), float(np.median(ours))
     print(f"\nthroughput, batch {args.batch_size}, medians of {args.rounds} interleaved rounds "
-          f"(loader: shuffled, {args.workers} decode threads, window {args.window} row groups, "
+          f"(loader: shuffled, {args.read_threads} decode threads, window {args.window} row groups, "
           f"batches on {args.device})")
     print(f"  {'':34} {'samples/s':>11} {'GB/s':>7}")
     print(f"  {'pyarrow read_table + to numpy':34} {reference_rate:11.0f} {reference_rate * sample_bytes / 1e9:7.2f}")
@@ -207,7 +207,7 @@ def _training_step(index, loader, shape, args) -> None:
     ratio = float(np.median(np.array(ours) / np.array(reference)))
     print(f"\ntraining step on {args.device}: MLP {features}-{'-'.join(map(str, hidden))}-10, SGD momentum 0.9, "
           f"batch {args.batch_size}, {steps} steps per round, {args.blas_threads} BLAS threads on both sides "
-          f"of {usable_cores()} cores, {args.workers} loader decode threads, "
+          f"of {usable_cores()} cores, {args.read_threads} loader decode threads, "
           f"medians of {args.rounds} interleaved rounds")
     print(f"  arrays in memory    {reference_time / steps * 1e3:8.2f} ms/step")
     print(f"  fed by ArrowLoader  {ours_time / steps * 1e3:8.2f} ms/step")
