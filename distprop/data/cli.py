@@ -47,6 +47,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     csv.add_argument("--feature-columns", type=_names, metavar="A,B,...", help="default: all other columns")
     _writer_options(csv)
 
+    images = converter("images", _run_images, "a folder per class of image files (ROOT/<class>/...) -> OUT, "
+                       "the encoded bytes kept as they are")
+    images.add_argument("root", metavar="ROOT")
+    images.add_argument("out", metavar="OUT")
+    _writer_options(images, row_group_size=256)
+
+    text = converter("text", _run_text, "text files tokenized into OUT's list<int32> column 'tokens'")
+    text.add_argument("files", metavar="FILES", nargs="+", help=".txt files (one document each) or .jsonl")
+    text.add_argument("out", metavar="OUT")
+    text.add_argument("--tokenizer", required=True, metavar="NAME",
+                      help="a tokenizer.json path (Hugging Face tokenizers), 'bytes', or a tiktoken encoding "
+                           "(gpt2, cl100k_base: downloaded on first use)")
+    text.add_argument("--by-line", action="store_true", help="each non-empty line of a .txt file is a document")
+    text.add_argument("--text-field", default="text", help="the field of each .jsonl record (default: text)")
+    _writer_options(text, shuffle=False)
+
     synthetic = converter("synthetic", _run_synthetic, "learnable random classification data of any size -> OUT")
     synthetic.add_argument("out", metavar="OUT")
     synthetic.add_argument("--samples", type=int, required=True)
@@ -63,14 +79,14 @@ def run(args) -> int:
     return args._data_run(args)
 
 
-def _writer_options(command: argparse.ArgumentParser, shuffle: bool = True) -> None:
+def _writer_options(command: argparse.ArgumentParser, shuffle: bool = True, row_group_size: int = 1024) -> None:
     group = command.add_argument_group("output")
     group.add_argument("--seed", type=int, default=0)
     if shuffle:
         group.add_argument("--keep-order", action="store_true",
                            help="keep the source's row order (default: a seeded random order)")
     group.add_argument("--rows-per-file", type=int, default=None, help="default: one file")
-    group.add_argument("--row-group-size", type=int, default=1024)
+    group.add_argument("--row-group-size", type=int, default=row_group_size)
     group.add_argument("--compression", choices=PARQUET_COMPRESSIONS, default="none")
     group.add_argument("--format", choices=("parquet", "ipc"), default="parquet",
                        help="ipc: uncompressed Arrow IPC files, memory-mapped when read")
@@ -100,9 +116,9 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _report(*paths) -> int:
+def _report(*paths, sequences=()) -> int:
     for path in paths:
-        index = DatasetIndex.open(path)
+        index = DatasetIndex.open(path, sequences=sequences)
         columns = ", ".join(f"{s.name} ({s.describe()})" for s in index.columns.values())
         print(f"wrote {path}: {index.num_rows} samples in {len(index.files)} file(s); columns {columns}")
     return 0
@@ -134,6 +150,21 @@ def _run_csv(args) -> int:
     return _report(args.out)
 
 
+def _run_images(args) -> int:
+    from distprop.data.image_folder import convert_image_folder
+
+    convert_image_folder(args.root, args.out, **_order_options(args), **_write_options(args))
+    return _report(args.out)
+
+
+def _run_text(args) -> int:
+    from distprop.data.text_corpus import convert_text
+
+    convert_text(args.files, args.out, tokenizer=args.tokenizer, by_line=args.by_line, text_field=args.text_field,
+                 **_write_options(args))
+    return _report(args.out, sequences=("tokens",))
+
+
 def _run_synthetic(args) -> int:
     write_synthetic(args.out, args.samples, shape=args.shape, classes=args.classes, seed=args.seed,
                     dtype=args.dtype, **_write_options(args))
@@ -141,7 +172,10 @@ def _run_synthetic(args) -> int:
 
 
 def _run_info(args) -> int:
-    index = DatasetIndex.open(args.path)
+    from distprop.data.outputs import variable_list_columns
+
+    # Lists are shown as lists: whether they are tensors or token sequences is the loader's choice.
+    index = DatasetIndex.open(args.path, sequences=variable_list_columns(args.path))
     print(f"dataset      {index.location.display}")
     print(f"samples      {index.num_rows}")
     print(f"files        {len(index.files)}")

@@ -114,6 +114,20 @@ def column_spec(field: pa.Field, where: str) -> ColumnSpec:
     return ColumnSpec(field.name, np.dtype(value_type.to_pandas_dtype()), shape)
 
 
+def column_kind(field: pa.Field) -> str | None:
+    """`IMAGE`, `LIST` (variable-length lists), `ARRAY`, or None for a type distprop
+    does not read, judged from the type alone."""
+    if is_image_type(field.type):
+        return IMAGE
+    if _is_variable_list(field.type):
+        return LIST
+    try:
+        column_spec(field, "")
+    except DataError:
+        return None
+    return ARRAY
+
+
 def is_image_type(arrow_type: pa.DataType) -> bool:
     """Encoded images: ``binary``/``large_binary``, or Hugging Face's ``Image`` struct
     (a ``bytes`` binary field, usually beside a ``path`` string)."""

@@ -85,7 +85,7 @@ class DatasetIndex:
         wanted, expected = _normalize_columns(columns)
         files, blocks, specs = [], [], None
         for number, file_location in enumerate(list_dataset_files(location)):
-            data_file, schema, block_rows = _read_footer(file_location)
+            data_file, schema, block_rows = read_footer(file_location)
             file_specs = _select_columns(schema, wanted, file_location.display)
             if specs is None:
                 specs, first = file_specs, file_location.display
@@ -145,7 +145,7 @@ def _normalize_columns(columns: ColumnsArg) -> tuple[list[str] | None, dict[str,
     return names, {}
 
 
-def _read_footer(location: Location) -> tuple[DataFile, pa.Schema, list[int]]:
+def read_footer(location: Location) -> tuple[DataFile, pa.Schema, list[int]]:
     kind = dataset_kind(location.path)
     try:
         with open_input(location, memory_map=kind == "ipc") as source:

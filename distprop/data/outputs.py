@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from distprop.data.batch import ON_ERROR, BatchSpec, prepare_block, probe_image_outputs, resolve_stacks
-from distprop.data.format import IMAGE, LIST
-from distprop.data.index import DatasetIndex
+from distprop.data.format import IMAGE, LIST, column_kind
+from distprop.data.index import DatasetIndex, read_footer
 from distprop.data.reader import BlockReader
 from distprop.data.storage import list_dataset_files, resolve
 from distprop.data.tokens import PackedLayout, TokenOptions
@@ -24,7 +24,8 @@ def open_index(path_or_uri, columns, filesystem, tokens_column: str | None, sequ
             raise ConfigError("tokens_column is given but sequence_length is not; pass sequence_length=...")
         return DatasetIndex.open(path_or_uri, columns, filesystem), None
     if tokens_column is None:
-        index = DatasetIndex.open(path_or_uri, columns, filesystem, sequences=_all_lists(path_or_uri, filesystem))
+        index = DatasetIndex.open(path_or_uri, columns, filesystem,
+                                  sequences=variable_list_columns(path_or_uri, filesystem, columns))
         candidates = [s.name for s in index.columns.values()
                       if s.kind == LIST and s.shape is None and s.dtype.kind in "iu"]
         if len(candidates) != 1:
@@ -37,18 +38,13 @@ def open_index(path_or_uri, columns, filesystem, tokens_column: str | None, sequ
     return DatasetIndex.open(path_or_uri, columns, filesystem, sequences=(tokens_column,)), tokens_column
 
 
-def _all_lists(path_or_uri, filesystem) -> tuple[str, ...]:
-    """Names of the variable-length list columns of the dataset's first file."""
-    from distprop.data.index import _read_footer
-
-    _, schema, _ = _read_footer(list_dataset_files(resolve(path_or_uri, filesystem))[0])
-    return tuple(f.name for f in schema if _is_variable_list_field(f))
-
-
-def _is_variable_list_field(field) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_list(field.type) or pa.types.is_large_list(field.type)
+def variable_list_columns(path_or_uri, filesystem=None, columns=None) -> tuple[str, ...]:
+    """Names of the list-of-numbers columns of the dataset's first file whose rows may
+    differ in length (among `columns`, when given as names)."""
+    _, schema, _ = read_footer(list_dataset_files(resolve(path_or_uri, filesystem))[0])
+    wanted = None if columns is None or isinstance(columns, str) else set(columns)
+    return tuple(f.name for f in schema if (wanted is None or f.name in wanted)
+                 and column_kind(f) == LIST)
 
 
 def build_spec(index: DatasetIndex, *, seed: int, image_transforms, channels: int, on_error: str, stack,

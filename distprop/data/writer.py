@@ -50,7 +50,8 @@ class DatasetWriter:
 
     def __init__(self, path, *, rows_per_file: int | None = None, row_group_size: int = 1024,
                  compression: str = "none", format: str = "parquet", tensor_type: str = "list",
-                 overwrite: bool = False, filesystem: pafs.FileSystem | None = None):
+                 overwrite: bool = False, filesystem: pafs.FileSystem | None = None,
+                 metadata: Mapping[str, str] | None = None):
         if format not in ("parquet", "ipc"):
             raise ConfigError(f"format must be 'parquet' or 'ipc', not {format!r}")
         allowed = PARQUET_COMPRESSIONS if format == "parquet" else IPC_COMPRESSIONS
@@ -64,6 +65,7 @@ class DatasetWriter:
         self.location = resolve(path, filesystem)
         self.rows_per_file, self.row_group_size = rows_per_file, row_group_size
         self.compression, self.format, self.tensor_type = compression, format, tensor_type
+        self.metadata = dict(metadata or {})  # the schema's key/value metadata (class names, tokenizer)
         self.files: list[str] = []
         self._schema: pa.Schema | None = None
         self._pending: list[pa.Table] = []
@@ -104,17 +106,22 @@ class DatasetWriter:
     def _to_table(self, columns: Mapping[str, np.ndarray]) -> pa.Table:
         if not columns:
             raise DataError(f"{self.location.display}: no columns to write")
-        arrays = {name: np.asarray(values) for name, values in columns.items()}
+        # Arrow arrays (encoded images, token lists) are written as they are.
+        arrays = {name: values if isinstance(values, pa.Array) else np.asarray(values)
+                  for name, values in columns.items()}
         check_same_length(arrays, self.location.display)
         fields, data = [], []
         for name, values in arrays.items():
-            try:
-                field, array = arrow_column(name, values, self.tensor_type)
-            except DataError as error:
-                raise DataError(f"{self.location.display}: {error}") from None
+            if isinstance(values, pa.Array):
+                field, array = pa.field(name, values.type), values
+            else:
+                try:
+                    field, array = arrow_column(name, values, self.tensor_type)
+                except DataError as error:
+                    raise DataError(f"{self.location.display}: {error}") from None
             fields.append(field)
             data.append(array)
-        schema = pa.schema(fields)
+        schema = pa.schema(fields, metadata=self.metadata or None)
         if self._schema is None:
             self._schema = schema
         elif not schema.equals(self._schema, check_metadata=True):
@@ -142,10 +149,9 @@ class DatasetWriter:
         suffix = ".parquet" if self.format == "parquet" else ".arrow"
         path = f"{self.location.path.rstrip('/')}/part-{len(self.files):05d}{suffix}"
         self._file_stream = self.location.filesystem.open_output_stream(path)
-        scalar_columns = [f.name for f in self._schema if not pa.types.is_fixed_size_list(f.type)
-                          and not isinstance(f.type, pa.ExtensionType)]
+        scalar_columns = [f.name for f in self._schema if pa.types.is_primitive(f.type)]
         if self.format == "parquet":
-            # Statistics and dictionaries help scalar columns; for tensor values they only cost time.
+            # Statistics and dictionaries help scalar columns; for tensors, lists and bytes they only cost time.
             self._file_writer = pq.ParquetWriter(self._file_stream, self._schema, compression=self.compression,
                                                  use_dictionary=scalar_columns, write_statistics=scalar_columns)
         else:
@@ -171,11 +177,14 @@ class DatasetWriter:
 def check_same_length(columns: Mapping[str, np.ndarray], where: str) -> int:
     """The common number of rows of `columns` (arrays); DataError naming `where` and the
     first column whose length differs."""
+    def ndim(values) -> int:
+        return 1 if isinstance(values, pa.Array) else np.ndim(values)
+
     first = next(iter(columns))
-    rows = len(columns[first]) if np.ndim(columns[first]) else None
+    rows = len(columns[first]) if ndim(columns[first]) else None
     for name, values in columns.items():
-        if np.ndim(values) == 0 or len(values) != rows:
-            found = "a 0-d array" if np.ndim(values) == 0 else f"{len(values)} rows"
+        if ndim(values) == 0 or len(values) != rows:
+            found = "a 0-d array" if ndim(values) == 0 else f"{len(values)} rows"
             expected = "a 0-d array" if rows is None else f"{rows}"
             raise DataError(f"{where}: column {name!r} has {found} but column {first!r} has {expected}")
     return rows
