@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from distprop import cpu_threads
 from distprop.autograd import Function, Tensor
 from distprop.backend import get_array_module
@@ -169,4 +171,26 @@ def pow(a, b) -> Tensor:  # noqa: A001 - PyTorch's name
 
 
 def matmul(a, b) -> Tensor:
+    _check_matmul_shapes(getattr(a, "shape", None), getattr(b, "shape", None))
     return MatMul()(a, b)
+
+
+def _check_matmul_shapes(a_shape, b_shape) -> None:
+    """PyTorch's message for operands that cannot be multiplied, instead of numpy's
+    gufunc signature."""
+    if a_shape is None or b_shape is None:
+        return  # Python numbers and the like: numpy's own error says it
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if not a_shape or not b_shape:
+        raise ValueError(f"matmul: both arguments need at least one dimension, got shapes {a_shape} and {b_shape}")
+    inner_b = b_shape[-2] if len(b_shape) > 1 else b_shape[0]
+    if a_shape[-1] != inner_b:
+        shapes = "x".join(map(str, a_shape)) + " and " + "x".join(map(str, b_shape))
+        raise ValueError(f"mat1 and mat2 shapes cannot be multiplied ({shapes}): matmul needs the first's last "
+                         f"dimension ({a_shape[-1]}) to equal the second's "
+                         f"{'second-to-last' if len(b_shape) > 1 else 'only'} dimension ({inner_b})")
+    try:
+        np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: batch dimensions {a_shape[:-2]} and {b_shape[:-2]} cannot be broadcast "
+                         f"together (shapes {a_shape} and {b_shape})") from None

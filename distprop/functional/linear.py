@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from distprop.autograd import Function, Tensor
 from distprop.cpu_threads import matmul
 
@@ -39,6 +41,17 @@ class Linear(Function):
 
 
 def linear(x, weight, bias=None) -> Tensor:
+    in_features = weight.shape[-1]
+    if x.shape[-1:] != (in_features,):
+        # PyTorch's words, plus which argument is which.
+        rows = math.prod(x.shape[:-1])
+        raise ValueError(f"mat1 and mat2 shapes cannot be multiplied ({rows}x{_last(x.shape)} and "
+                         f"{in_features}x{weight.shape[0]}): linear got input of shape {tuple(x.shape)} "
+                         f"but its weight of shape {tuple(weight.shape)} takes {in_features} features")
     if bias is None:
         return Linear()(x, weight)
     return Linear()(x, weight, bias)
+
+
+def _last(shape) -> str:
+    return str(shape[-1]) if shape else "0-d"

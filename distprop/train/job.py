@@ -1,0 +1,184 @@
+"""`distprop train` from a resolved config to a finished (or stopped) job.
+
+Every check that can fail is made on every rank and agreed on before anyone
+stops (`agreed`), so a bad dataset path or a batch larger than the data ends the
+whole job with one message from rank 0, and nothing under OUT is written until
+the config, the data, the model and any checkpoint to resume from have passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import distprop as dp
+from distprop import backend
+from distprop.checkpoint import read_checkpoint
+from distprop.checkpoint.durable import write_text_durably
+from distprop.errors import ConfigError, UserError
+from distprop.train import data as job_data
+from distprop.train import resume
+from distprop.train.config import describe, to_toml
+from distprop.train.metrics import MetricsLog
+from distprop.train.models import build_model, input_preparer
+from distprop.train.optimization import build_optimizer, build_schedule, peak_lr, restart_schedule
+from distprop.train.progress import Progress, choose_mode
+from distprop.train.timeline import Timeline
+from distprop.train.trainer import Trainer, TrainerState
+
+
+def agreed(comm, function, *args):
+    """function(*args) on every rank; if it raises a UserError on any rank, the same
+    error (the lowest failing rank's message) is raised on every rank."""
+    result, message = None, None
+    try:
+        result = function(*args)
+    except UserError as error:
+        message = str(error)
+    messages = comm.allgather_object(message) if comm.size > 1 else [message]
+    failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        raise ConfigError(text if rank == 0 else f"rank {rank}: {text}")
+    return result
+
+
+def start(config):
+    """The job's communicator and device ('cpu' or 'gpu')."""
+    comm = dp.init(device=None if config.device == "auto" else config.device, threads=config.threads)
+    if config.device != "auto":
+        return comm, config.device
+    # init() picked a GPU exactly where every rank sees one; follow the same verdict
+    on_gpu = comm.allreduce(int(backend.gpu_available()), "min") if comm.size > 1 else backend.gpu_available()
+    return comm, "gpu" if on_gpu else "cpu"
+
+
+def run_job(config, comm, device: str) -> dict:
+    """Prepare everything, train, and return the summary (also in OUT/summary.json)."""
+    out = config.out
+    path = agreed(comm, resume.checkpoint_to_resume, config)
+    checkpoint = read_checkpoint(path, comm) if path is not None else None
+    if checkpoint is None:
+        agreed(comm, resume.check_fresh_start, config)
+        if config.resume is not None:
+            _say(comm, f"no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting the job")
+    else:
+        config = agreed(comm, resume.reconcile, config, checkpoint)
+    trainer_state = checkpoint.extra["trainer"] if checkpoint is not None else None
+    agreed(comm, job_data.check_dataset_directory, config, out)
+
+    directory = job_data.dataset_directory(config, out)
+    if config.data == "digits":
+        on_rank_zero(comm, job_data.write_digits_once, directory)
+    spec, label, train_samples = agreed(comm, job_data.describe_columns, config, directory)
+    train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
+    num_classes = config.num_classes or on_rank_zero(comm, job_data.count_classes, train_dir, label)
+    dataset = job_data.Dataset(train_dir, test_dir, spec, label, num_classes, train_samples)
+
+    batch = agreed(comm, resume.per_rank_batch, config, checkpoint, trainer_state, comm.size)
+    train_loader, test_loader = agreed(comm, job_data.make_loaders, config, dataset, batch, comm, device)
+    steps_per_epoch = len(train_loader) // config.accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"accumulation_steps ({config.accumulation_steps}) is more than the "
+                          f"{len(train_loader)} batches of {batch} per rank in an epoch")
+
+    dp.manual_seed(config.seed)  # the same initial weights on every rank (rank 0's are broadcast anyway)
+    model = agreed(comm, build_model, config, spec, num_classes)
+    if device == "gpu":
+        model.to(device="gpu")
+    model = dp.DataParallel(model, comm, bucket_mb=config.bucket_mb, first_bucket_mb=min(1.0, config.bucket_mb))
+    lr = peak_lr(config, batch, comm.size)
+    optimizer = build_optimizer(config, model.parameters(), lr)
+
+    if checkpoint is not None:
+        checkpoint.restore(loader=train_loader, rng_state=False, comm=comm)
+        state = TrainerState.from_dict(trainer_state)
+        remaining = 0 if state.epoch_done else job_data.batches_left_in_epoch(train_loader) // config.accumulation_steps
+        total = config.steps or state.step + remaining + (config.epochs - state.epoch - 1) * steps_per_epoch
+        if (total, lr) == (state.total_steps, state.peak_lr):
+            # Built before the optimizer's state is loaded: building sets the lr it restores.
+            scheduler = agreed(comm, build_schedule, config, optimizer, total)
+            checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler, rng_state=False, comm=comm)
+        else:
+            checkpoint.restore(model=model, optimizer=optimizer, rng_state=False, comm=comm)
+            scheduler = agreed(comm, restart_schedule, config, optimizer, total, lr, state.step)
+            _say(comm, f"the job now has {total} steps at lr {lr:g} (the checkpoint's schedule: "
+                       f"{state.total_steps} at {state.peak_lr:g}): the schedule continues on the new curve")
+        if not checkpoint.restore(rng_state=True, comm=comm):  # last: nothing draws after it
+            dp.manual_seed(_rank_seed(config.seed, comm.rank, state.step))
+        state.per_rank_batch, state.peak_lr, state.total_steps = batch, lr, total
+        _say(comm, f"resuming from {checkpoint.path} (step {state.step}, saved by {checkpoint.world_size} "
+                   f"rank(s), now {comm.size} with {batch} samples each)")
+    else:
+        total = config.steps or config.epochs * steps_per_epoch
+        scheduler = agreed(comm, build_schedule, config, optimizer, total)
+        state = TrainerState(per_rank_batch=batch, peak_lr=lr, total_steps=total)
+        dp.manual_seed(_rank_seed(config.seed, comm.rank, 0))  # dropout masks differ between ranks
+    if config.stop_at is not None and config.stop_at <= state.step:
+        raise ConfigError(f"stop_at ({config.stop_at}) is not after the checkpoint's step {state.step}")
+
+    metrics_log = None
+    if comm.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        write_text_durably(os.path.join(out, "config.toml"), to_toml(config))
+        print(f"distprop train: {comm.size} rank(s) on {device}, {num_classes} classes, input "
+              f"'{spec.name}' {spec.describe()}, global batch {batch * comm.size * config.accumulation_steps}, "
+              f"{steps_per_epoch} steps per epoch, {total} steps\n{describe(config)}", flush=True)
+        keep = resume.metrics_lines_to_keep(config, checkpoint, trainer_state) if checkpoint is not None else None
+        metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl"), keep)
+    timeline = None
+    if config.timeline:
+        last = min(total, config.stop_at or total)
+        first = max(state.step + 1, min(config.timeline_start, last - config.timeline_steps + 1))
+        timeline = Timeline(comm, first, min(last, first + config.timeline_steps - 1))
+
+    progress = Progress(choose_mode(config.progress, comm.rank, config.verbose), comm.rank, total, state.step)
+    trainer = Trainer(config=config, comm=comm, model=model, optimizer=optimizer, scheduler=scheduler,
+                      train_loader=train_loader, test_loader=test_loader, prepare=input_preparer(config, spec),
+                      input_name=spec.name, label=label, state=state, out=out,
+                      epochs=None if config.steps else config.epochs, metrics_log=metrics_log, progress=progress,
+                      timeline=timeline)
+    try:
+        summary = trainer.run()
+    finally:
+        progress.close()
+        model.close()
+        if metrics_log is not None:
+            metrics_log.close()
+    if timeline is not None:
+        timeline.write(config.timeline)
+    if comm.rank == 0:
+        write_text_durably(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+        if summary["test_accuracy"] is not None:
+            print(f"final test accuracy {summary['test_accuracy']:.4f}  test loss {summary['test_loss']:.4f}  "
+                  f"after {summary['step']} steps, {summary['elapsed_s']:.1f} s", flush=True)
+    return summary
+
+
+def on_rank_zero(comm, function, *args):
+    """function(*args) on rank 0 only, its result (or its UserError) on every rank."""
+    result = message = None
+    if comm.rank == 0:
+        try:
+            result = function(*args)
+        except (UserError, OSError) as error:
+            message = str(error)
+    if comm.size > 1:
+        result, message = comm.bcast_object((result, message), root=0)
+    if message is not None:
+        raise ConfigError(message)
+    return result
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed of its own for each rank's dropout masks (and each resumed stretch, so a
+    stream never repeats after a resume at another world size)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
+def _say(comm, text: str) -> None:
+    if comm.rank == 0:
+        print(f"distprop train: {text}", flush=True)
+

@@ -1,0 +1,103 @@
+"""What a run measures: per-step phase times summed over windows of steps, and the
+``metrics.jsonl`` file rank 0 appends to.
+
+A step's phases, on each rank, in seconds of that rank's wall clock:
+
+* ``data_wait``: waiting for the loader's next batch and turning it into the
+  model's input;
+* ``forward``: the model and the loss;
+* ``backward``: backpropagation, less what it spent on communication;
+* ``comm_wait``: communication that backward could not hide -- the gradient hooks'
+  bookkeeping plus the wait for the last bucket reductions at its end (the
+  reducer's own count); zero on one rank;
+* ``optimizer``: gradient clipping, the optimizer and schedule steps, zero_grad.
+
+On the GPU these are host times: kernels still queued when a phase ends are paid
+for by a later phase that waits on them (at the latest `loss.item()`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from distprop.checkpoint.durable import write_text_durably
+
+PHASES = ("data_wait", "forward", "backward", "comm_wait", "optimizer")
+
+
+class Window:
+    """Sums over a stretch of steps: a log interval, the stretch since the last
+    evaluation, or the timed part of the run for summary.json.
+
+    The loss sum can be carried over a resume (`carry`, `resume`), so that a
+    window cut by a checkpoint reports the same mean as an uninterrupted run;
+    times cannot be, and count only the steps this process ran."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.seconds, self.samples = 0, 0.0, 0
+        self.loss, self.losses = 0.0, 0
+        self.phases = [0.0] * len(PHASES)
+
+    def add(self, seconds: float, phases: list[float], loss: float, samples: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.samples += samples
+        self.loss += loss
+        self.losses += 1
+        for i, value in enumerate(phases):
+            self.phases[i] += value
+
+    def carry(self) -> dict:
+        return {"loss": self.loss, "losses": self.losses}
+
+    def resume(self, carried: dict) -> None:
+        self.loss, self.losses = carried["loss"], carried["losses"]
+
+    def local_means(self) -> dict:
+        """This rank's means per step (phase names with ``_s``), the mean loss and
+        the comm-wait share of the step time."""
+        steps = max(self.steps, 1)
+        means = {f"{name}_s": value / steps for name, value in zip(PHASES, self.phases)}
+        means["step_s"] = self.seconds / steps
+        means["train_loss"] = self.loss / max(self.losses, 1)
+        means["comm_wait_fraction"] = self.phases[PHASES.index("comm_wait")] / self.seconds if self.seconds else 0.0
+        return means
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl``: one JSON object per line, flushed as written.
+
+    `keep_lines`: None starts a new file; a number continues a resumed run's file,
+    first dropping lines written after its checkpoint, so the file reads as if the
+    run had never stopped."""
+
+    def __init__(self, path: str, keep_lines: int | None):
+        self.path = path
+        if keep_lines is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as file:
+                lines = file.readlines()
+            if len(lines) > keep_lines:
+                write_text_durably(path, "".join(lines[:keep_lines]))
+            self.lines = min(len(lines), keep_lines)
+            self._file = open(path, "a", encoding="utf-8")
+        else:
+            self.lines = 0
+            self._file = open(path, "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (for plots and tests)."""
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]

@@ -1,0 +1,84 @@
+"""Continuing a job from a checkpoint: which one, with which config, at which batch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from distprop.checkpoint import layout
+from distprop.errors import ConfigError
+from distprop.train.config import TRAJECTORY
+
+
+def checkpoint_to_resume(config) -> str | None:
+    """The path to read, or None to start afresh (resume 'latest' with no checkpoint yet)."""
+    if config.resume is None:
+        return None
+    if config.resume == "latest":
+        return layout.newest_checkpoint(os.path.join(config.out, "checkpoints"))
+    return config.resume
+
+
+def check_fresh_start(config) -> None:
+    """A new run must not mix its checkpoints with another run's."""
+    newest = layout.newest_checkpoint(os.path.join(config.out, "checkpoints"))
+    if config.resume is None and newest is not None:
+        raise ConfigError(f"out: {config.out} already holds checkpoints ({os.path.basename(newest)}); pass "
+                          "--resume to continue that run, or choose another --out")
+
+
+def reconcile(config, checkpoint):
+    """The config to resume with: the checkpoint's trajectory options (model, data,
+    optimizer, schedule, batch, seed) wherever this invocation did not give them; a
+    given one that differs is an error, raised before anything is written."""
+    saved = checkpoint.config
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise ConfigError(f"resume: {checkpoint.path} holds no distprop train config (written by another "
+                          "script?); load it with distprop.load_checkpoint instead")
+    updates = {}
+    for name in TRAJECTORY:
+        if name not in saved:
+            continue
+        value = saved[name]
+        if name in config.explicit:
+            if _normal(getattr(config, name)) != _normal(value):
+                raise ConfigError(f"{name} = {getattr(config, name)!r} contradicts the checkpoint's {name} = "
+                                  f"{value!r} ({checkpoint.path}); a resumed job keeps its model, data, "
+                                  "optimizer and schedule (use another --out for a new job)")
+        else:
+            updates[name] = value
+    resumed = replace(config, **updates)
+    resumed._explicit = config.explicit
+    return resumed
+
+
+def _normal(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def per_rank_batch(config, checkpoint, trainer_state: dict, world_size: int) -> int:
+    """The batch each rank takes after resuming: the saved one at the same world
+    size; at another, config.batch_size, or with keep_global_batch the saved global
+    batch divided over the new ranks (an error if it does not divide)."""
+    if checkpoint is None:
+        return config.batch_size
+    saved_batch, saved_size = trainer_state["per_rank_batch"], checkpoint.world_size
+    if world_size == saved_size:
+        return saved_batch
+    if not config.keep_global_batch:
+        return config.batch_size
+    total = saved_batch * saved_size
+    if total % world_size:
+        raise ConfigError(f"keep_global_batch: the checkpoint's global batch of {total} ({saved_batch} x "
+                          f"{saved_size} ranks) does not divide over {world_size} ranks")
+    return total // world_size
+
+
+def metrics_lines_to_keep(config, checkpoint, trainer_state: dict) -> int | None:
+    """metrics.jsonl lines to keep: a checkpoint of this run's own keeps what was
+    written up to it; one from elsewhere starts a new file."""
+    if checkpoint is None:
+        return None
+    own = os.path.realpath(os.path.join(config.out, "checkpoints"))
+    return trainer_state["metrics_lines"] if os.path.dirname(os.path.realpath(checkpoint.path)) == own else None
+
