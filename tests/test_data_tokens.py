@@ -1,0 +1,144 @@
+"""Token sequences: packing into windows, padding, resume and re-sharding, bad documents.
+
+The reference is the obvious construction in plain Python: concatenate the
+documents (with the end token), cut windows of L+1 tokens at every L-th token."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from media_helpers import write_documents
+
+from distprop.data import ArrowLoader
+from distprop.errors import ConfigError, DataError
+
+
+def documents(count: int, seed: int = 0, vocab: int = 1000) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, int(rng.integers(1, 40))).tolist() for _ in range(count)]
+
+
+def reference_windows(docs, length: int, eos=None):
+    """(input_ids, labels, document_ids, positions) of every window, by the definition."""
+    stream, owner, place = [], [], []
+    for number, doc in enumerate(docs):
+        tokens = doc + ([eos] if eos is not None else [])
+        stream += tokens
+        owner += [number] * len(tokens)
+        place += list(range(len(tokens)))
+    windows = []
+    for s in range((len(stream) - 1) // length):
+        lo = s * length
+        ids = stream[lo:lo + length + 1]
+        docs_in = owner[lo:lo + length]
+        windows.append((ids[:-1], ids[1:], [d - docs_in[0] for d in docs_in], place[lo:lo + length]))
+    return windows
+
+
+@pytest.mark.parametrize("eos", [None, 0])
+def test_packed_windows_are_the_concatenated_documents(tmp_path, eos):
+    docs = documents(60)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=7)
+    loader = ArrowLoader(tmp_path, 3, sequence_length=16, eos_token=eos, shuffle=False, drop_last=False,
+                         positions=True)
+    expected = reference_windows(docs, 16, eos)
+    assert loader.num_samples == len(expected)
+    got = [tuple(batch[k][j].tolist() for k in ("input_ids", "labels", "document_ids", "positions"))
+           for batch in loader for j in range(len(batch["input_ids"]))]
+    assert got[:len(expected)] == [tuple(w) for w in expected]
+
+
+def test_shuffled_packing_covers_each_window_once(tmp_path):
+    docs = documents(80, seed=1)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=6)
+    expected = sorted(tuple(w[0]) for w in reference_windows(docs, 12, eos=0))
+    got = []
+    for rank in range(3):
+        loader = ArrowLoader(tmp_path, 4, sequence_length=12, eos_token=0, seed=5, rank=rank, world_size=3)
+        got += [tuple(row) for batch in loader for row in batch["input_ids"].tolist()]
+    assert len(got) == len(set(got)) == len(expected) // 12 * 12
+    assert set(got) <= set(expected)
+
+
+def test_windows_spanning_several_row_groups(tmp_path):
+    docs = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]  # row groups of one short document each
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=1)
+    batch = next(iter(ArrowLoader(tmp_path, 1, sequence_length=6, shuffle=False)))
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]] and batch["labels"].tolist() == [[2, 3, 4, 5, 6, 7]]
+    assert batch["document_ids"].tolist() == [[0, 0, 1, 2, 2, 2]]
+
+
+def test_padded_documents_with_mask(tmp_path):
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    write_documents(tmp_path / "t.parquet", docs)
+    batch = next(iter(ArrowLoader(tmp_path, 3, sequence_length=5, pack=False, eos_token=1, pad_token=0,
+                                  shuffle=False, truncate=True)))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 0], [8, 1, 0, 0, 0], [9, 10, 11, 12, 13]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    with pytest.raises(DataError, match=r"row group 0\) row 2: .* 6 tokens .* longer than sequence_length 5"):
+        list(ArrowLoader(tmp_path, 3, sequence_length=5, pack=False, eos_token=1, shuffle=False))
+
+
+def test_padded_mode_keeps_other_columns(tmp_path):
+    table = pa.table({"tokens": pa.array([[1, 2], [3], [4, 5]], pa.list_(pa.int64())), "label": [7, 8, 9]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    batch = next(iter(ArrowLoader(tmp_path, 3, sequence_length=4, pack=False, shuffle=False)))
+    assert batch["label"].tolist() == [7, 8, 9] and batch["input_ids"].dtype == np.int64
+    with pytest.raises(ConfigError, match="pack=True makes samples that cross documents"):
+        ArrowLoader(tmp_path, 1, sequence_length=4)
+    assert "label" not in next(iter(ArrowLoader(tmp_path, 1, sequence_length=2, columns=["tokens"])))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_and_reshard_mid_epoch_with_packing(tmp_path, workers):
+    """Stop after 3 batches on 2 ranks, resume on 3 ranks (with workers): every window
+    of the epoch is seen once, as by an uninterrupted run."""
+    docs = documents(120, seed=2)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=9)
+    options = {"sequence_length": 10, "eos_token": 0, "seed": 7, "drop_last": False}
+    first = [ArrowLoader(tmp_path, 4, rank=r, world_size=2, **options) for r in range(2)]
+    seen = []
+    for loader in first:
+        iterator = iter(loader)
+        seen += [tuple(row) for _ in range(3) for row in next(iterator)["input_ids"].tolist()]
+    state = first[0].state_dict()
+    assert state == first[1].state_dict() and state["sequence_length"] == 10
+    for rank in range(3):
+        resumed = ArrowLoader(tmp_path, 4, rank=rank, world_size=3, num_workers=workers, **options)
+        resumed.load_state_dict(state)
+        seen += [tuple(row) for batch in resumed for row in batch["input_ids"].tolist()]
+        resumed.close()
+    every = {tuple(w[0]) for w in reference_windows(docs, 10, 0)}
+    assert set(seen) == every
+    assert len(seen) - len(every) < 3  # drop_last=False pads fewer than world_size windows per stage
+    with pytest.raises(ConfigError, match="sequence_length=10 but this loader has sequence_length=11"):
+        ArrowLoader(tmp_path, 4, **dict(options, sequence_length=11)).load_state_dict(state)
+
+
+def test_bad_documents_name_file_row_group_and_row(tmp_path):
+    write_documents(tmp_path / "t.parquet", [[1, 2], [3], [4, 99], [5]], row_group_size=2)
+    with pytest.raises(DataError, match=r"t.parquet \(row group 1\) row 0: .*token id 99, outside the "
+                                        r"vocabulary 0..49"):
+        list(ArrowLoader(tmp_path, 1, sequence_length=2, vocab_size=50, shuffle=False, drop_last=False))
+    (tmp_path / "t.parquet").unlink()
+    write_documents(tmp_path / "e.parquet", [[1, 2], [3], [4, 6], [], [5, 6, 7]], row_group_size=2)
+    with pytest.raises(DataError, match=r"e.parquet \(row group 1\) row 1: column 'tokens' holds an empty document"):
+        list(ArrowLoader(tmp_path, 1, sequence_length=2, shuffle=False, drop_last=False))
+    with pytest.raises(DataError, match=r"row group 1\) row 1: column 'tokens' holds an empty document"):
+        list(ArrowLoader(tmp_path, 1, sequence_length=2, pack=False, shuffle=False, drop_last=False))
+    (tmp_path / "e.parquet").unlink()
+    write_documents(tmp_path / "n.parquet", [[1, 2], None, [3, 4]], row_group_size=3)
+    with pytest.raises(DataError, match=r"row group 0\) row 1: column 'tokens' holds a null document"):
+        list(ArrowLoader(tmp_path, 1, sequence_length=2, shuffle=False, drop_last=False))
+
+
+def test_token_options_are_checked(tmp_path):
+    write_documents(tmp_path / "t.parquet", [[1, 2, 3]] * 10)
+    with pytest.raises(ConfigError, match="sequence_length must be a positive integer"):
+        ArrowLoader(tmp_path, 1, sequence_length=0)
+    with pytest.raises(ConfigError, match="eos_token must be a token id in 0..9"):
+        ArrowLoader(tmp_path, 1, sequence_length=2, eos_token=10, vocab_size=10)
+    with pytest.raises(DataError, match="fewer than one window"):
+        ArrowLoader(tmp_path, 1, sequence_length=40)
+    with pytest.raises(DataError, match="column 'ids' should hold token sequences"):
+        ArrowLoader(tmp_path, 1, sequence_length=2, tokens_column="ids")
