@@ -165,13 +165,19 @@ class BatchBuilder:
     def __init__(self, spec: BatchSpec, epoch: int):
         self.spec, self.epoch = spec, epoch
         self.decoder = ImageDecoder(spec.channels) if spec.images else None
-        self.assembler = PackedAssembler(spec.index, spec.packed) if spec.packed is not None else None
+        self.assembler = PackedAssembler(spec.packed) if spec.packed is not None else None
         self.sample_starts = spec.sample_block_starts
 
     def build(self, rows: BatchRows, block_of, out: dict[str, np.ndarray]) -> BuildResult:
         """Fill ``out[name][:size]``; `block_of(b)` returns prepared block ``b``."""
         spec = self.spec
         index = spec.index
+        if self.assembler is not None:  # packed windows: nothing else is in the batch
+            blocks = rows.blocks.tolist()
+            groups = [(b, int(rows.bounds[j]), int(rows.bounds[j + 1])) for j, b in enumerate(blocks)]
+            samples = rows.local + np.repeat(self.sample_starts[rows.blocks], np.diff(rows.bounds))
+            self.assembler.fill(samples, groups, block_of, out)
+            return BuildResult(len(rows))
         keep = np.ones(len(rows), bool)
         skipped: list[str] = []
         if spec.images or spec.tokens is not None:
@@ -187,9 +193,7 @@ class BatchBuilder:
                             keep[i] = False
                             skipped.append(problem)
                             continue
-                    if self.assembler is not None:
-                        self.assembler.fill(sample, block_of, out, position)
-                    elif spec.tokens is not None:
+                    if spec.tokens is not None:
                         fill_padded(prepared[spec.tokens.column], local, spec.tokens, out, position,
                                     block_location(index, block))
                     position += 1

@@ -134,15 +134,12 @@ class PackedLayout:
 
 @dataclass
 class TokenBlock:
-    """One block's documents. Packed: one stretch of T, `tokens` with end-of-document
-    tokens inserted, and for each token its document (row in the block) and place in
-    it. Padded: the documents' tokens back to back, row i at
-    ``tokens[offsets[i]:offsets[i + 1]]``."""
+    """One block's documents, their tokens back to back (packed: each followed by the end
+    token, if any, so `tokens` is the block's stretch of T); document i starts at
+    ``starts[i]`` (``starts[-1]`` is the end)."""
 
     tokens: np.ndarray
-    document: np.ndarray | None = None
-    position: np.ndarray | None = None
-    offsets: np.ndarray | None = None
+    starts: np.ndarray
 
 
 def check_documents(rows: VarRows, options: TokenOptions, where: str, column: str) -> None:
@@ -155,8 +152,9 @@ def check_documents(rows: VarRows, options: TokenOptions, where: str, column: st
         raise DataError(f"{where} row {int(np.flatnonzero(lengths == 0)[0])}: column {column!r} holds an empty "
                         "document")
     if options.vocab_size is not None and len(rows.values):
-        bad = np.flatnonzero((rows.values < 0) | (rows.values >= options.vocab_size))
-        if len(bad):
+        low, high = rows.values.min(), rows.values.max()
+        if low < 0 or high >= options.vocab_size:
+            bad = np.flatnonzero((rows.values < 0) | (rows.values >= options.vocab_size))
             row = int(np.searchsorted(rows.offsets, bad[0], side="right")) - 1
             raise DataError(f"{where} row {row}: column {column!r} holds token id {int(rows.values[bad[0]])}, "
                             f"outside the vocabulary 0..{options.vocab_size - 1}")
@@ -166,78 +164,100 @@ def read_token_block(column, spec, options: TokenOptions, where: str, expected_t
     """A block of the token column, checked, as a stretch of T (packing) or as rows."""
     rows = sequence_rows(column, spec, where)
     check_documents(rows, options, where, options.column)
-    if not options.pack:
-        return TokenBlock(rows.values, offsets=rows.offsets)
-    count = len(rows)
-    eos = options.eos_token is not None
-    lengths = np.diff(rows.offsets) + eos
-    total = int(lengths.sum())
-    if expected_tokens is not None and total != expected_tokens:
-        raise DataError(f"{where}: column {options.column!r} holds {total} tokens but the file's footer counts "
-                        f"{expected_tokens} (was the file changed after the loader was built?)")
-    if eos:
-        tokens = np.empty(total, rows.values.dtype)
-        ends = rows.offsets[1:] + np.arange(count)  # where each document's end token goes
-        keep = np.ones(total, bool)
+    if not options.pack or options.eos_token is None:
+        tokens, starts = rows.values, rows.offsets
+    else:
+        count = len(rows)
+        starts = rows.offsets + np.arange(count + 1)  # each earlier document has gained an end token
+        tokens = np.empty(int(starts[-1]), rows.values.dtype)
+        ends = starts[1:] - 1
+        keep = np.ones(len(tokens), bool)
         keep[ends] = False
         tokens[keep] = rows.values
         tokens[ends] = options.eos_token
-    else:
-        tokens = rows.values
-    document = position = None
-    if options.document_ids or options.positions:
-        document = np.repeat(np.arange(count, dtype=np.int64), lengths)
-    if options.positions:
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        position = (np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
-    return TokenBlock(tokens, document, position)
+    if options.pack and expected_tokens is not None and len(tokens) != expected_tokens:
+        raise DataError(f"{where}: column {options.column!r} holds {len(tokens)} tokens but the file's footer "
+                        f"counts {expected_tokens} (was the file changed after the loader was built?)")
+    return TokenBlock(tokens, starts)
 
 
 class PackedAssembler:
-    """Fills packed samples from token blocks, fetched through `block(b)` (which returns
-    the prepared block ``b`` of the dataset, with its TokenBlock under the column's name)."""
+    """Fills packed windows into a batch from token blocks, fetched through `block_of(b)`
+    (the prepared block ``b``, with its TokenBlock under the token column's name)."""
 
-    def __init__(self, index: DatasetIndex, layout: PackedLayout):
-        self.index, self.layout, self.options = index, layout, layout.options
-        self.sample_starts = np.concatenate([[0], np.cumsum(layout.samples_per_block)]).astype(np.int64)
+    def __init__(self, layout: PackedLayout):
+        self.layout, self.options = layout, layout.options
+        self.length = layout.options.sequence_length
 
-    def sample_ids(self, block: int, local: np.ndarray) -> np.ndarray:
-        """Window numbers of the `local`-th windows starting in `block`."""
-        first = -(-int(self.layout.token_starts[block]) // self.options.sequence_length)
-        return first + local
+    def fill(self, samples: np.ndarray, groups: list[tuple[int, int, int]], block_of, out: dict) -> None:
+        """Write windows `samples` (in batch order) into rows ``0..len(samples)-1`` of the
+        outputs; `groups` are ``(block, lo, hi)``: rows lo..hi-1 start in that block."""
+        length, column = self.length, self.options.column
+        token_starts = self.layout.token_starts
+        starts = samples * length
+        ids, labels = out["input_ids"], out["labels"]
+        boundaries = []
+        for block, lo, hi in groups:
+            tokens = block_of(block)[column]
+            offsets = starts[lo:hi] - token_starts[block]
+            spanning = offsets + length + 1 > len(tokens.tokens)  # runs on into the next block(s)
+            if not spanning.all():
+                # Windows of L tokens over the block, as a view; window s's labels are the next one.
+                # mode="clip" writes straight into the output; spanning rows get clipped (wrong)
+                # windows here and are written again below.
+                windows = np.lib.stride_tricks.sliding_window_view(tokens.tokens, length)
+                np.take(windows, offsets, axis=0, out=ids[lo:hi], mode="clip")
+                np.take(windows, offsets + 1, axis=0, out=labels[lo:hi], mode="clip")
+            boundaries.append(tokens.starts[:-1] + token_starts[block])
+            for j in np.flatnonzero(spanning).tolist():
+                window, extra = self._spanning(int(starts[lo + j]), block, block_of)
+                ids[lo + j], labels[lo + j] = window[:-1], window[1:]
+                boundaries.extend(extra)
+        if "document_ids" in out or "positions" in out:
+            self._documents(starts, np.unique(np.concatenate(boundaries)), out)
 
-    def fill(self, sample: int, block_of, out: dict[str, np.ndarray], j: int) -> None:
-        """Write window `sample` into row `j` of the output arrays."""
-        length = self.options.sequence_length
-        start, stop = sample * length, sample * length + length + 1
-        block = int(np.searchsorted(self.layout.token_starts, start, side="right")) - 1
-        pieces, documents, positions = [], [], []
+    def _spanning(self, start: int, block: int, block_of) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The window at `start` gathered across blocks, and those blocks' document starts."""
+        token_starts, column = self.layout.token_starts, self.options.column
+        pieces, extra, stop = [], [], start + self.length + 1
         while start < stop:
-            tokens = block_of(block)[self.options.column]
-            offset = start - int(self.layout.token_starts[block])
+            tokens = block_of(block)[column]
+            offset = start - int(token_starts[block])
             take = min(stop - start, len(tokens.tokens) - offset)
             if take > 0:
                 pieces.append(tokens.tokens[offset:offset + take])
-                if tokens.document is not None:
-                    documents.append(tokens.document[offset:offset + take] + int(self.index.block_starts[block]))
-                if tokens.position is not None:
-                    positions.append(tokens.position[offset:offset + take])
                 start += take
+            extra.append(tokens.starts[:-1] + token_starts[block])
             block += 1
-        window = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        out["input_ids"][j] = window[:-1]
-        out["labels"][j] = window[1:]
+        return np.concatenate(pieces), extra
+
+    def _documents(self, starts: np.ndarray, boundaries: np.ndarray, out: dict) -> None:
+        """document_ids and positions of every window, from the sorted global start
+        offsets of all documents the windows touch: a window's document id steps up
+        at each start inside it; its position counts from the last start."""
+        count, length = len(starts), self.length
+        first = np.searchsorted(boundaries, starts, side="right")   # the first start after each window's first token
+        last = np.searchsorted(boundaries, starts + length, side="left")
+        inside = last - first
+        window = np.repeat(np.arange(count), inside)
+        taken = np.arange(int(inside.sum())) - np.repeat(np.cumsum(inside) - inside, inside) + np.repeat(first, inside)
+        column = boundaries[taken] - starts[window]
         if "document_ids" in out:
-            document = documents[0] if len(documents) == 1 else np.concatenate(documents)
-            out["document_ids"][j] = document[:-1] - document[0]
+            steps = np.zeros((count, length), np.int32)
+            steps[window, column] = 1
+            np.cumsum(steps, axis=1, out=out["document_ids"][:count])
         if "positions" in out:
-            out["positions"][j] = (positions[0] if len(positions) == 1 else np.concatenate(positions))[:-1]
+            last_start = np.full((count, length), np.iinfo(np.int64).min // 2, np.int64)
+            last_start[:, 0] = boundaries[first - 1] - starts  # where the first token's document began (<= 0)
+            last_start[window, column] = column
+            np.maximum.accumulate(last_start, axis=1, out=last_start)
+            np.subtract(np.arange(length), last_start, out=out["positions"][:count], casting="unsafe")
 
 
 def fill_padded(tokens: TokenBlock, row: int, options: TokenOptions, out: dict[str, np.ndarray], j: int,
                 where: str) -> None:
     """Write one document, padded to sequence_length, into row `j` of the outputs."""
-    document = tokens.tokens[tokens.offsets[row]:tokens.offsets[row + 1]]
+    document = tokens.tokens[tokens.starts[row]:tokens.starts[row + 1]]
     eos = options.eos_token is not None
     length = len(document) + eos
     limit = options.sequence_length
