@@ -6,10 +6,12 @@ file, the file overrides the defaults. Values are checked before anything runs:
 an unknown name gets the closest valid one suggested, a value of the wrong type or
 out of range says which option, which value and where it came from.
 
-Options are of two kinds. *Trajectory* options decide what is computed (model,
-data, optimizer, schedule, batch, seed): when resuming, those not given take the
-checkpoint's values, and a given one that differs is an error. *Run* options
-(epochs or steps, output, logging, checkpoints, device) belong to each invocation.
+When resuming, an option not given takes the checkpoint's value, so ``--resume``
+alone continues the same job. *Trajectory* options decide what is computed
+(model, data, optimizer, schedule, batch, seed): giving one that differs from the
+checkpoint's is an error. *Run* options (length, logging, checkpoints, device) may
+be changed. *Invocation* options (out, resume, stop_at, keep_global_batch,
+timeline) belong to one command and are never taken from a checkpoint.
 
 TOML is read with the standard library's `tomllib` (Python >= 3.11); on Python
 3.10 the `tomli` package, which distprop then depends on, provides the same module.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from distprop.errors import ConfigError
 
@@ -115,28 +117,28 @@ class TrainConfig:
     steps: int = option(None, "optimizer steps to train instead of epochs", type=int, optional=True, minimum=1)
     stop_at: int = option(None, "end this run after this optimizer step, with a checkpoint, as a "
                           "time-limited allocation would (the schedule is that of the whole job)", type=int,
-                          optional=True, minimum=1)
+                          optional=True, minimum=1, kind="invocation")
     # -- evaluation, output, checkpoints ---------------------------------------------
     eval_every: int = option(0, "also evaluate every this many steps (0: at the end of each epoch only)",
                              minimum=0)
     eval_batch_size: int = option(256, "samples per rank per evaluation batch", minimum=1)
-    out: str = option("runs/train", "output directory: config, metrics.jsonl, summary.json, checkpoints/")
+    out: str = option("runs/train", "output directory: config, metrics.jsonl, summary.json, checkpoints/", kind="invocation")
     checkpoint_every: int = option(0, "write a checkpoint every this many steps (0: at the end of each "
                                    "epoch), and always at the end", minimum=0)
     keep_checkpoints: int = option(3, "complete checkpoints to keep (at least 2)", minimum=2)
     resume: str = option(None, "continue from the newest complete checkpoint in OUT ('latest') or from "
-                         "this checkpoint or directory", type=str, optional=True)
+                         "this checkpoint or directory", type=str, optional=True, kind="invocation")
     keep_global_batch: bool = option(False, "when resuming at another world size, rescale batch_size so "
-                                     "that the global batch stays the same")
+                                     "that the global batch stays the same", kind="invocation")
     # -- seeing the run ------------------------------------------------------------
     log_every: int = option(20, "log (and append to metrics.jsonl) every this many steps", minimum=1)
     progress: str = option("auto", "rank 0's progress: a bar on a terminal, log lines otherwise ('auto'), "
                            "or 'bar', 'log', 'none'", choices=PROGRESS)
     verbose: bool = option(False, "other ranks print their own log lines too")
     timeline: str = option(None, "write a Chrome trace (Perfetto, chrome://tracing) of a window of steps "
-                           "to this file", type=str, optional=True)
-    timeline_start: int = option(10, "first step of the timeline's window (clamped to the run)", minimum=1)
-    timeline_steps: int = option(5, "steps in the timeline's window", minimum=1)
+                           "to this file", type=str, optional=True, kind="invocation")
+    timeline_start: int = option(10, "first step of the timeline's window (clamped to the run)", minimum=1, kind="invocation")
+    timeline_steps: int = option(5, "steps in the timeline's window", minimum=1, kind="invocation")
     timing_warmup: int = option(10, "steps at the start of the run left out of summary.json's phase means",
                                 minimum=0)
     # -- where it runs ---------------------------------------------------------------
@@ -156,6 +158,7 @@ class TrainConfig:
 
 OPTIONS = {f.name: f for f in fields(TrainConfig)}
 TRAJECTORY = tuple(name for name, f in OPTIONS.items() if f.metadata["kind"] == "trajectory")
+INVOCATION = tuple(name for name, f in OPTIONS.items() if f.metadata["kind"] == "invocation")
 
 
 # ---- reading values ----------------------------------------------------------------
@@ -194,9 +197,9 @@ def from_toml(values: dict, path) -> dict:
     checked = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: [{key}] tables are not options; write the keys at the top level")
         if name not in OPTIONS:
-            if isinstance(value, dict):
-                raise ConfigError(f"{path}: [{key}] tables are not options; write the keys at the top level")
             close = closest_option(key)
             hint = f" (did you mean '{close}'?)" if close else " (distprop train --help lists the options)"
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
@@ -274,7 +277,7 @@ def validate(config: TrainConfig) -> None:
     """Checks that involve several options (each value alone was checked already)."""
     for name in sorted(config.explicit):
         models = OPTIONS[name].metadata["models"]
-        if models and config.model not in models:
+        if models and config.model not in models and getattr(config, name) != _default(name):
             raise ConfigError(f"{name} applies to model {' or '.join(models)}, not '{config.model}'")
     if not 0 < config.warmup_start_factor <= 1:
         raise ConfigError(f"warmup_start_factor: must be in (0, 1], got {config.warmup_start_factor}")
@@ -292,12 +295,21 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"channels: lenet has two convolutions, got {len(config.channels)} widths")
 
 
+def _default(name: str):
+    option = OPTIONS[name]
+    return option.default_factory() if option.default is MISSING else option.default
+
+
 def to_toml(config: TrainConfig) -> str:
-    """The config as a TOML file `--config` reads back (unset options commented out)."""
+    """The config as a TOML file `--config` reads back: unset options, and those of
+    other models, commented out."""
     lines = []
     for name, value in config.to_dict().items():
+        models = OPTIONS[name].metadata["models"]
         if value is None:
             lines.append(f"# {name} =  (not set)")
+        elif models and config.model not in models:
+            lines.append(f"# {name} = {_toml_value(value)}  ({' or '.join(models)} only)")
         else:
             lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from distprop.checkpoint import layout
 from distprop.errors import ConfigError
-from distprop.train.config import TRAJECTORY
+from distprop.train.config import INVOCATION, OPTIONS, TRAJECTORY, validate
 
 
 def checkpoint_to_resume(config) -> str | None:
@@ -28,27 +28,28 @@ def check_fresh_start(config) -> None:
 
 
 def reconcile(config, checkpoint):
-    """The config to resume with: the checkpoint's trajectory options (model, data,
-    optimizer, schedule, batch, seed) wherever this invocation did not give them; a
-    given one that differs is an error, raised before anything is written."""
+    """The config to resume with: the checkpoint's value of every option this
+    invocation did not give (but out, resume, stop_at, keep_global_batch and the
+    timeline's), so that ``--resume`` alone continues the same job. A given
+    trajectory option (model, data, optimizer, schedule, batch, seed) that differs
+    from the checkpoint's is an error, raised before anything is written."""
     saved = checkpoint.config
     if not isinstance(saved, dict) or "model" not in saved:
         raise ConfigError(f"resume: {checkpoint.path} holds no distprop train config (written by another "
                           "script?); load it with distprop.load_checkpoint instead")
     updates = {}
-    for name in TRAJECTORY:
-        if name not in saved:
+    for name in OPTIONS:
+        if name not in saved or name in INVOCATION:
             continue
-        value = saved[name]
-        if name in config.explicit:
-            if _normal(getattr(config, name)) != _normal(value):
-                raise ConfigError(f"{name} = {getattr(config, name)!r} contradicts the checkpoint's {name} = "
-                                  f"{value!r} ({checkpoint.path}); a resumed job keeps its model, data, "
-                                  "optimizer and schedule (use another --out for a new job)")
-        else:
-            updates[name] = value
+        if name not in config.explicit:
+            updates[name] = saved[name]
+        elif name in TRAJECTORY and _normal(getattr(config, name)) != _normal(saved[name]):
+            raise ConfigError(f"{name} = {getattr(config, name)!r} contradicts the checkpoint's {name} = "
+                              f"{saved[name]!r} ({checkpoint.path}); a resumed job keeps its model, data, "
+                              "optimizer and schedule (use another --out for a new job)")
     resumed = replace(config, **updates)
     resumed._explicit = config.explicit
+    validate(resumed)
     return resumed
 
 
