@@ -198,6 +198,7 @@ class Reducer:
                     if not ready:
                         bucket.stage(slot)
             self._start_ready_buckets()
+            self.transport.finish()
             for work in self._works:
                 work.wait()
             if self.trace is not None:

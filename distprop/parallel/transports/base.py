@@ -7,12 +7,13 @@ rank, and averages each over the ranks. It needs of a bucket only: `index`,
 for compression, or None), `compression` and `describe()`.
 
 Interface: `start(bucket) -> Work`, `progress()` (called from the gradient hooks),
-`close()`; optionally `bucket_buffers()`, storage the buckets must use.
+`finish()` (backward is over: complete what can be completed on the calling
+thread), `close()`; optionally `bucket_buffers()`, storage the buckets must use.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 import time
 
@@ -55,44 +56,82 @@ def allreduce_mean(bucket, comm) -> None:
 class BackgroundTransport:
     """Runs bucket reductions, in submission order, on a background thread; the
     training thread keeps computing meanwhile (numpy and mpi4py release the GIL).
-    Subclasses define `reduce(bucket)`, which runs on that thread."""
+    Subclasses define `reduce(bucket, idle)`, which runs on that thread -- or on the
+    training thread itself once backward is over (see `finish`): `idle` then says
+    that the calling thread has nothing else to do, so a short busy wait costs
+    nothing, where on the background thread it would take a core from training."""
 
     name = "background"
 
     def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: collections.deque = collections.deque()
+        self._turn = threading.Condition()  # one reduction at a time, in submission order
+        self._busy = self._closing = False
         self._gpu = backend.current_gpu_id() if backend.gpu_available() else None
         self._thread = threading.Thread(target=self._run, name=f"distprop-{self.name}-allreduce", daemon=True)
         self._thread.start()
 
-    def reduce(self, bucket) -> None:
+    def reduce(self, bucket, idle: bool) -> None:
         raise NotImplementedError
 
     def start(self, bucket) -> Work:
         work = Work(bucket)
-        self._jobs.put(work)
+        with self._turn:
+            self._pending.append(work)
+            self._turn.notify_all()
         return work
 
     def progress(self) -> None:
         pass  # the thread progresses on its own
 
+    def finish(self) -> None:
+        """Run the reductions the thread has not begun on the calling thread: called
+        when backward is over and the caller would only wait for them. It saves the
+        hand-offs to the thread and back, each a wake-up of a sleeping thread."""
+        while True:
+            with self._turn:
+                while self._busy:
+                    self._turn.wait()
+                if not self._pending:
+                    return
+                work = self._take()
+            self._execute(work, idle=True)
+
+    def _take(self) -> Work:
+        self._busy = True
+        return self._pending.popleft()
+
+    def _execute(self, work: Work, idle: bool) -> None:
+        work.started = time.perf_counter()  # for timelines: when the reduction itself began
+        try:
+            self.reduce(work.bucket, idle)
+        except BaseException as error:  # handed to the waiting thread
+            work.finish(error)
+            if idle and not isinstance(error, Exception):
+                raise  # e.g. KeyboardInterrupt on the training thread: that thread's own
+        else:
+            work.finish()
+        finally:
+            with self._turn:
+                self._busy = False
+                self._turn.notify_all()
+
     def _run(self) -> None:
         if self._gpu is not None:
             backend.use_gpu(self._gpu)  # the current GPU is per thread
         while True:
-            work = self._jobs.get()
-            if work is None:
-                return
-            work.started = time.perf_counter()
-            try:
-                self.reduce(work.bucket)
-            except BaseException as error:  # handed to the waiting thread
-                work.finish(error)
-            else:
-                work.finish()
+            with self._turn:
+                while (self._busy or not self._pending) and not self._closing:
+                    self._turn.wait()
+                if self._closing:
+                    return
+                work = self._take()
+            self._execute(work, idle=False)
 
     def close(self) -> None:
-        self._jobs.put(None)
+        with self._turn:
+            self._closing = True
+            self._turn.notify_all()
         self._thread.join(timeout=10)
         if not self._thread.is_alive():  # else a reduction is stuck in them: leave them be
             self._free_communicators()

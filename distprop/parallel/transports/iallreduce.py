@@ -45,6 +45,9 @@ class IallreduceTransport:
         self._pending.append(request)
         return IallreduceWork(bucket, request, self.comm)
 
+    def finish(self) -> None:
+        pass
+
     def progress(self) -> None:
         if self._pending:
             self.MPI.Request.Testall(self._pending)

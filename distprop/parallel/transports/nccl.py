@@ -26,6 +26,9 @@ class NcclTransport:
             work.event = self.nccl.record()
         return work
 
+    def finish(self) -> None:
+        pass
+
     def progress(self) -> None:
         pass
 

@@ -8,7 +8,12 @@ ranks that own it on the other nodes (if any, over MPI), scales it by 1/size, an
 writes the result into every local rank's buffer. Two node barriers fence the
 exchange. Each rank thus reads and writes each gradient byte about once -- a ring
 or a message-based allreduce on shared memory moves it several times -- and the
-division costs nothing extra. Every rank ends with bitwise the same values: each
+chunk is summed, scaled and copied out in blocks that stay in the core's cache, so
+the division and the copy cost next to no memory traffic.
+
+The ranks of a node usually occupy all its cores, so this thread competes with
+training for them: it must never spin. Its barriers sleep (parallel.shm.NodeBarrier)
+where MPI's would poll. Every rank ends with bitwise the same values: each
 chunk is computed once (its owner's buffer first, then the others in local-rank
 order) and copied.
 """
@@ -17,8 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from distprop.parallel.shm import NodeSegment, aligned
+from distprop.parallel.shm import NodeBarrier, NodeSegment, aligned
 from distprop.parallel.transports.base import BackgroundTransport
+
+
+# Elements per block of the sum/scale/copy passes: 256 KiB of float32, which stays
+# in L2 between the passes (measured on a 7.45 MB MLP gradient: 0.63 -> 0.40 ms).
+BLOCK_ELEMENTS = 1 << 16
 
 
 class ShmTransport(BackgroundTransport):
@@ -40,8 +50,10 @@ class ShmTransport(BackgroundTransport):
         for count, dtype in layouts:
             self.offsets.append(offset)
             offset += aligned(count * np.dtype(dtype).itemsize)
+        self.barrier = None
         try:
             self.segment = NodeSegment(self.node, offset)
+            self.barrier = NodeBarrier(self.node)
             failure = None
         except OSError as error:  # raised on every rank of that node: other nodes must hear of it
             failure = str(error)
@@ -64,28 +76,41 @@ class ShmTransport(BackgroundTransport):
     def bucket_buffers(self):
         return [self.buffer(i) for i in range(len(self.layouts))]
 
-    def _reduce(self, index: int) -> None:
+    def _reduce(self, index: int, idle: bool) -> None:
         count, dtype = self.layouts[index]
         local_size = self.segment.local_size
         chunk = -(-count // local_size)
         lo, hi = min(count, self.comm.local_rank * chunk), min(count, (self.comm.local_rank + 1) * chunk)
         mine = self.buffer(index)[lo:hi]
         others = [self.buffer(index, k)[lo:hi] for k in range(local_size) if k != self.comm.local_rank]
-        self.node.Barrier()  # every local rank has staged this bucket
+        self.barrier.wait(spin=idle)  # every local rank has staged this bucket
         if hi > lo:
-            for other in others:  # my chunk of the sum, in my own buffer: no scratch
-                mine += other
-            if self.cross.Get_size() > 1:
+            summed = self.cross.Get_size() > 1
+            if summed:  # the node's sum of my chunk, then its sum over the nodes
+                for other in others:
+                    mine += other
                 self.cross.Allreduce(self.MPI.IN_PLACE, mine)
-            mine *= mine.dtype.type(1.0 / self.comm.size)
-            for other in others:
-                other[...] = mine
-        self.node.Barrier()  # every chunk is in every buffer
+            scale = mine.dtype.type(1.0 / self.comm.size)
+            for block in _blocks(hi - lo):  # each block summed, scaled and copied out while in cache
+                part = mine[block]
+                if not summed:
+                    for other in others:
+                        part += other[block]
+                part *= scale
+                for other in others:
+                    other[block] = part
+        self.barrier.wait(spin=idle)  # every chunk is in every buffer
 
-    def reduce(self, bucket) -> None:
+    def reduce(self, bucket, idle: bool) -> None:
         with self.comm._guard(f"shared-memory allreduce of {bucket.describe()}"):
-            self._reduce(bucket.index)
+            self._reduce(bucket.index, idle)
 
     def _free_communicators(self) -> None:
+        if self.barrier is not None:
+            self.barrier.close()
         self.node.Free()
         self.cross.Free()
+
+
+def _blocks(count: int):
+    return (slice(lo, min(lo + BLOCK_ELEMENTS, count)) for lo in range(0, count, BLOCK_ELEMENTS))

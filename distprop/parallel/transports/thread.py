@@ -17,7 +17,7 @@ class ThreadTransport(BackgroundTransport):
         self.comm = comm.dup()
         super().__init__()
 
-    def reduce(self, bucket) -> None:
+    def reduce(self, bucket, idle: bool) -> None:
         allreduce_mean(bucket, self.comm)
 
     def _free_communicators(self) -> None:
