@@ -12,6 +12,7 @@ BENCHMARKS = {
     "sync": ("distprop.bench.sync", "gradient synchronisation of the MLP against one raw allreduce (mpiexec)"),
     "scaling": ("distprop.bench.scaling", "weak scaling 1 -> N ranks against PyTorch DDP (gloo)"),
     "loader": ("distprop.bench.loader", "Arrow loader vs pyarrow.parquet.read_table, and a step fed by it"),
+    "train": ("distprop.bench.train", "distprop train's bookkeeping vs a plain loop; a checkpoint vs safetensors"),
 }
 
 

@@ -80,6 +80,7 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict:
         state = self.state
+        self.loop_started, self.paused = clock(), 0.0
         while state.step < self.final_step:
             if state.epoch_done:
                 state.epoch, state.epoch_done = state.epoch + 1, False
@@ -206,6 +207,7 @@ class Trainer:
         self.progress.log(record, self.epochs)
 
     def _evaluate(self) -> None:
+        started = clock()
         result = evaluate(self.model, self.test_loader, self.prepare, self.label, self.input_name, self.comm)
         training = self._window_record(self.eval_window) if self.eval_window.losses else {}
         self.eval_window.reset()
@@ -213,8 +215,10 @@ class Trainer:
         self.last_eval_step, self.last_eval = self.state.step, result
         self.progress.message(f"epoch {self.state.epoch + 1}  step {self.state.step}  test loss "
                               f"{result['test_loss']:.4f}  test accuracy {result['test_accuracy']:.4f}")
+        self.paused += clock() - started
 
     def _checkpoint(self) -> None:
+        started = clock()
         state = self.state
         state.elapsed_s = self._elapsed()
         state.metrics_lines = self.metrics_log.lines if self.metrics_log is not None else 0
@@ -232,6 +236,7 @@ class Trainer:
             comm=self.comm)
         self.last_checkpoint_step = state.step
         self.progress.message(f"checkpoint {self.checkpoint_path}")
+        self.paused += clock() - started
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (clock() - self.started)
@@ -239,6 +244,7 @@ class Trainer:
     def _summary(self, stopped: bool) -> dict:
         """Phase times per step over the steps after timing_warmup (all steps of this
         run if it had no more): mean over ranks, and the slowest rank's mean."""
+        loop_s = clock() - self.loop_started - self.paused
         window = self.timed if self.timed.steps else self.untimed
         local = window.local_means()
         everyone = self.comm.allgather_object(local) if self.comm.size > 1 else [local]
@@ -254,5 +260,7 @@ class Trainer:
             "test_accuracy": None if stopped else self.last_eval.get("test_accuracy"),
             "timed_steps": window.steps, "timing_warmup": self.config.timing_warmup if self.timed.steps else 0,
             "samples_per_s": self.samples_per_step / mean_step if mean_step else 0.0,
+            # all of the loop but evaluation and checkpoints: steps, bookkeeping, logging
+            "loop_samples_per_s": self.run_steps * self.samples_per_step / loop_s if loop_s > 0 else 0.0,
             "phases": spread, "elapsed_s": self._elapsed(), "checkpoint": self.checkpoint_path,
         }
