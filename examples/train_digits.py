@@ -1,10 +1,12 @@
 """Train an MLP on the UCI handwritten digits, data-parallel over MPI.
 
-    mpiexec -n 2 python examples/train_digits.py
+    mpiexec -n 2 python examples/train_digits.py [--checkpoints DIR [--resume]]
 
 Rank 0 writes the digits (scikit-learn's bundled copy) to Parquet once; every rank
 streams its own shard of each epoch with ArrowLoader; DataParallel averages the
 gradients; test accuracy is counted on every rank's shard and summed over ranks.
+With --checkpoints, a checkpoint is saved after every epoch, and --resume continues
+from the newest one. `distprop train` is this job with everything around it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Config:
     label_smoothing: float = 0.1
     hidden: tuple = (256,)
     seed: int = 0
+    checkpoints: str | None = None
+    resume: bool = False
 
 
 def parse_config() -> Config:
@@ -44,10 +48,15 @@ def parse_config() -> Config:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per rank")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--checkpoints", default=None, help="save a checkpoint here after every epoch")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint there")
     args = parser.parse_args()
     if args.epochs < 1 or args.batch_size < 1:
         parser.error("--epochs and --batch-size must be at least 1")  # the final accuracy needs an epoch
-    return Config(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    if args.resume and not args.checkpoints:
+        parser.error("--resume needs --checkpoints DIR")
+    return Config(data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  checkpoints=args.checkpoints, resume=args.resume)
 
 
 def prepare_data(config: Config, comm) -> tuple[str, str]:
@@ -88,8 +97,15 @@ def main() -> None:
     if comm.rank == 0:
         print(f"{comm.size} ranks, {len(train)} steps per epoch, global batch {global_batch}", flush=True)
 
+    first_epoch = 0
+    if config.resume:  # every rank restores the same state, rank 0 reads it
+        checkpoint = dp.load_checkpoint(config.checkpoints, model=model, optimizer=opt, scheduler=schedule,
+                                        loader=train)
+        first_epoch = checkpoint.extra["epoch"] + 1
+
     start = time.perf_counter()
-    for epoch in range(config.epochs):
+    accuracy = None
+    for epoch in range(first_epoch, config.epochs):
         train.set_epoch(epoch)
         losses = []
         for batch in train:
@@ -100,12 +116,17 @@ def main() -> None:
             opt.step()
             schedule.step()
             losses.append(loss.item())
+        if config.checkpoints:
+            dp.save_checkpoint(config.checkpoints, model=model, optimizer=opt, scheduler=schedule, loader=train,
+                               step=(epoch + 1) * len(train), extra={"epoch": epoch}, keep=2)
         if epoch % 10 == 9 or epoch == config.epochs - 1:
             metrics = average_metrics({"loss": float(np.mean(losses))}, comm)
             accuracy = evaluate(model, test, comm)
             if comm.rank == 0:
                 print(f"epoch {epoch + 1:3d}  train loss {metrics['loss']:.4f}  test accuracy {accuracy:.4f}",
                       flush=True)
+    if accuracy is None:  # resumed after the last epoch
+        accuracy = evaluate(model, test, comm)
     if comm.rank == 0:
         print(f"final test accuracy {accuracy:.4f} in {time.perf_counter() - start:.1f} s", flush=True)
     model.close()

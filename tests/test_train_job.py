@@ -67,7 +67,14 @@ def reproducible(records):
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=needs_mpiexec)])
 def test_the_default_job_reaches_97_percent(tmp_path, ranks):
-    result = train(tmp_path, ranks=ranks)
+    """As the README runs it: `distprop launch -n 2 -- distprop train` (and alone)."""
+    if ranks == 1:
+        result = train(tmp_path)
+    else:
+        command = [sys.executable, "-m", "distprop", "launch", "-n", "2", "--",
+                   sys.executable, "-m", "distprop", "train", "--out", str(tmp_path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     final = summary(tmp_path)
     assert final["test_accuracy"] >= 0.97, result.stdout[-3000:]
     assert f"final test accuracy {final['test_accuracy']:.4f}" in result.stdout
