@@ -9,14 +9,17 @@ from distprop.backend import to_device, to_numpy
 
 try:
     import torch
-except ImportError:  # the PyTorch comparisons skip cleanly without it
+except ImportError:  # the PyTorch comparisons skip, and the run fails saying what to install
     torch = None
+
+INSTALL_TORCH = "PyTorch is not installed: pip install 'torch>=2.1,<=2.13.0' (CPU build; the test extra has it)"
+INSTALL_SKLEARN = "scikit-learn is not installed: pip install scikit-learn (the test extra has it)"
 
 
 def requires_torch(test):
     import pytest
 
-    return pytest.mark.skipif(torch is None, reason="PyTorch is not installed")(test)
+    return pytest.mark.skipif(torch is None, reason=INSTALL_TORCH)(test)
 
 
 def leaves(arrays, device="cpu", requires_grad=True):

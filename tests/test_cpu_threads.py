@@ -11,7 +11,7 @@ import distprop.functional as F
 from distprop import cpu_threads
 from threadpoolctl import threadpool_limits
 
-pytestmark = pytest.mark.skipif(not cpu_threads._blas(), reason="no BLAS library that threadpoolctl controls")
+pytestmark = pytest.mark.skipif(not cpu_threads._blas(), reason="platform: no BLAS library that threadpoolctl controls")
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def _child_runs_parts(queue):
         queue.put(cpu_threads.map_parts(lambda start, stop: (start, stop), 9))
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="platform: needs fork")
 def test_a_forked_child_gets_threads_of_its_own(three_threads):
     import multiprocessing
 
@@ -269,7 +269,7 @@ def test_set_num_threads_inside_a_region_applies_when_it_closes(three_threads):
     assert cpu_threads.get_num_threads() == 2
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="platform: needs fork")
 def test_a_fork_inside_a_region_keeps_the_child_consistent(three_threads):
     import os
 

@@ -1,4 +1,4 @@
-"""The loader under real MPI ranks (pytest --with-mpi under mpiexec; skipped otherwise).
+"""The loader under real MPI ranks (pytest --with-mpi under mpiexec, 2 ranks or more).
 
 Each rank writes its own copy of the dataset in its own temporary directory: the
 fingerprint names files relative to the dataset root, so the copies agree.
@@ -10,7 +10,7 @@ from data_helpers import write_ids
 from distprop.data import ArrowLoader
 from distprop.errors import DataError
 
-pytestmark = pytest.mark.mpi
+pytestmark = pytest.mark.mpi(min_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,6 @@ def test_ranks_agree_and_split_the_epoch(comm, tmp_path):
 
 
 def test_a_disagreement_fails_on_every_rank(comm, tmp_path):
-    if comm.size == 1:
-        pytest.skip("needs two ranks to disagree")
     write_ids(tmp_path, 100)
     loader = ArrowLoader(tmp_path, 5, rank=comm.rank, world_size=comm.size, seed=comm.rank)
     with pytest.raises(DataError, match="'seed'"):

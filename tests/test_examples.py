@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from mpi_launch import mpiexec, run_job
+from helpers import INSTALL_SKLEARN
+from mpi_launch import NO_MPIEXEC, mpiexec, run_job
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", reason=INSTALL_SKLEARN)
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_digits.py"
 
 
-@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec on PATH")
+@pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
 def test_train_digits_on_two_ranks_reaches_97_percent(tmp_path):
     result, seconds = run_job(2, [str(EXAMPLE), "--data", str(tmp_path / "digits")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 from distprop import host_memory
 
 glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="the malloc tuning applies to glibc only")
+                                reason="platform: the malloc tuning applies to glibc only")
 
 # Allocates, touches and frees three 8 MiB arrays (a step's activations, say) once to
 # warm up, then counts the minor page faults of doing it again. glibc's default
@@ -53,7 +53,7 @@ def test_opting_out_leaves_malloc_alone():
     applied, faults = _faults("0")
     assert not applied
     if faults < 5000:
-        pytest.skip(f"this glibc kept the memory by itself ({faults} faults): nothing to compare")
+        pytest.skip(f"platform: this glibc kept the memory by itself ({faults} faults): nothing to compare")
     # glibc's default gave much of the 24 MiB back: fresh pages again on every cycle
     assert _faults("1")[1] < faults / 10
 

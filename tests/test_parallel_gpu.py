@@ -1,5 +1,5 @@
 """The GPU paths of distprop.parallel in one process: NCCL collectives and the
-reducer's NCCL transport (pytest --device gpu; skipped without a GPU)."""
+reducer's NCCL transport (pytest --device gpu)."""
 
 import numpy as np
 import pytest
@@ -10,17 +10,17 @@ from distprop.parallel.communicator import MPICommunicator
 from distprop.parallel.compression import get_compression
 from distprop.parallel.reducer import Reducer
 
+pytestmark = pytest.mark.gpu
+
 
 @pytest.fixture
-def gpu_comm(device):
-    if device != "gpu":
-        pytest.skip("GPU paths: run with --device gpu")
+def gpu_comm():
     from mpi4py import MPI
 
     from distprop.parallel.nccl import NcclCommunicator, nccl_available
 
     if not nccl_available():
-        pytest.skip("cupy has no NCCL")
+        pytest.skip("GPU: cupy has no NCCL")
     comm = MPICommunicator(MPI.COMM_SELF)
     comm.nccl = NcclCommunicator(MPI.COMM_SELF)
     return comm

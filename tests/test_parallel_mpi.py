@@ -1,4 +1,9 @@
-"""Data-parallel correctness under mpiexec (pytest --with-mpi; CI runs 1, 2 and 3 ranks).
+"""Data-parallel correctness under mpiexec (pytest --with-mpi; tests/run.sh runs 2 and 3
+ranks -- one rank has no reducer, so nothing here would be tested there).
+
+Every rank builds its model from a seed of its own before wrapping it, as separate
+processes would: wrapping must give them all rank 0's parameters and buffers, and
+after every step they must hold what one process trained on the whole batch holds.
 
 Every assertion that depends on one rank's values is agreed by all ranks first
 (`agree`), so a failure on one rank fails the test everywhere instead of leaving
@@ -15,12 +20,26 @@ from distprop.backend import to_device, to_numpy
 from distprop.parallel import (DataParallel, ModelMismatchError, average_metrics, broadcast_state,
                                clip_grad_norm_, sum_metrics)
 
-pytestmark = pytest.mark.mpi
+pytestmark = pytest.mark.mpi(min_size=2)
 
 
 @pytest.fixture(scope="module")
 def comm(device):
     return dp.init(threads=1, device=device)
+
+
+@pytest.fixture
+def wrap(comm):
+    """DataParallel(module, comm, **options), closed after the test whatever happened."""
+    made = []
+
+    def make(module, **options):
+        made.append(DataParallel(module, comm, **options))
+        return made[-1]
+
+    yield make
+    for model in made:
+        model.close()
 
 
 def agree(comm, ok: bool, message: str) -> None:
@@ -55,82 +74,74 @@ BUCKET_CASES = {
     "a bucket exactly full": ([(250,), (250,), (100,)], 500 * 8 / 2**20, 100 * 8 / 2**20, 100),
     "in-place large gradients": ([(3, 5), (300, 300), (10,), (50_000,)], 25, 1, 0.1),
 }
+TRANSPORTS = ["shm", "thread", "iallreduce"]
 
 
 def _transport_or_skip(transport, device):
     if transport in ("shm", "iallreduce") and device == "gpu":
-        pytest.skip(f"transport {transport!r} is for host arrays")
+        pytest.skip(f"GPU: transport {transport!r} is for host arrays")
     return transport
 
 
-@pytest.mark.parametrize("transport", ["shm", "thread", "iallreduce"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", sorted(BUCKET_CASES))
-def test_gradient_of_rank_averages_to_mean_rank_twice(comm, device, case, dtype, transport):
+def test_gradient_of_rank_averages_to_mean_rank_twice(comm, wrap, device, case, dtype, transport):
     shapes, bucket_mb, first_mb, inplace_mb = BUCKET_CASES[case]
     bag = ParamBag(shapes, dtype).to(device=device)
-    model = DataParallel(bag, comm, bucket_mb=bucket_mb, first_bucket_mb=first_mb, inplace_mb=inplace_mb,
-                         transport=_transport_or_skip(transport, device))
-    try:
-        if model.reducer is not None and case == "a bucket exactly full" and dtype == np.float64:
-            agree(comm, model.reducer.transport.name == transport, f"transport {model.reducer.transport.name}")
-            groups = [b.names for b in model.reducer.buckets]
-            agree(comm, groups == [["p2"], ["p1", "p0"]], f"bucket assignment {groups}")
-        for _ in range(2):  # twice: catches state left over from the first pass
-            bag.zero_grad()
-            model(float(comm.rank)).backward()
-            expected = (comm.size - 1) / 2
-            grads = [to_numpy(p.grad) for p in bag.parameters()]
-            ok = all(g.dtype == dtype and np.all(g == expected) for g in grads)
-            agree(comm, ok, f"gradients {[np.unique(g) for g in grads]} != {expected}")
-    finally:
-        model.close()
+    model = wrap(bag, bucket_mb=bucket_mb, first_bucket_mb=first_mb, inplace_mb=inplace_mb,
+                 transport=_transport_or_skip(transport, device))
+    if case == "a bucket exactly full" and dtype == np.float64:
+        agree(comm, model.reducer.transport.name == transport, f"transport {model.reducer.transport.name}")
+        groups = [b.names for b in model.reducer.buckets]
+        agree(comm, groups == [["p2"], ["p1", "p0"]], f"bucket assignment {groups}")
+    for _ in range(2):  # twice: catches state left over from the first pass
+        bag.zero_grad()
+        model(float(comm.rank)).backward()
+        expected = (comm.size - 1) / 2  # the mean of the ranks; their sum would be size times that
+        grads = [to_numpy(p.grad) for p in bag.parameters()]
+        ok = all(g.dtype == dtype and np.all(g == expected) for g in grads)
+        agree(comm, ok, f"gradients {[np.unique(g) for g in grads]} != {expected}")
 
 
 @pytest.mark.parametrize("compression, tolerance", [("fp16", 1e-3), ("bf16", 1e-2)])
-def test_compressed_allreduce_is_close_to_the_mean(comm, compression, tolerance):
+def test_compressed_allreduce_is_close_to_the_mean(comm, wrap, compression, tolerance):
     bag = ParamBag([(1000,), (300, 300)], np.float32)
-    model = DataParallel(bag, comm, compression=compression, transport="thread")
-    try:
-        scale = 1000.0 * (comm.rank + 1)  # large: a sum of fp16 values would lose more
-        model(scale).backward()
-        expected = 1000.0 * (comm.size + 1) / 2
-        worst = max(float(np.max(np.abs(p.grad - expected))) / expected for p in bag.parameters())
-        agree(comm, worst <= tolerance, f"relative error {worst} with {compression}")
-    finally:
-        model.close()
+    model = wrap(bag, compression=compression, transport="thread")
+    scale = 1000.0 * (comm.rank + 1)  # large: a sum of fp16 values would lose more
+    model(scale).backward()
+    expected = 1000.0 * (comm.size + 1) / 2
+    worst = max(float(np.max(np.abs(p.grad - expected))) / expected for p in bag.parameters())
+    agree(comm, worst <= tolerance, f"relative error {worst} with {compression}")
 
 
-@pytest.mark.parametrize("transport", ["shm", "thread"])
-def test_parameters_without_gradient_are_reduced_as_zeros(comm, transport):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_parameters_without_gradient_are_reduced_as_zeros(comm, wrap, transport):
     bag = ParamBag([(4,), (4,), (4,)], np.float64)
-    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5, transport=transport)
-    try:
+    model = wrap(bag, bucket_mb=1e-5, first_bucket_mb=1e-5, transport=transport)
+    for _ in range(2):
+        bag.zero_grad()
         # Only rank 0 uses p1; p2 is used by nobody; p0 by everyone.
         use = {0, 1} if comm.rank == 0 else {0}
         model(1.0, use=use).backward()
         p0, p1, p2 = bag.parameters()
-        unused_ok = p2.grad is None if comm.size == 1 else np.all(p2.grad == 0.0)  # one rank: no reduction
-        ok = np.all(p0.grad == 1.0) and np.all(p1.grad == 1.0 / comm.size) and unused_ok
+        ok = np.all(p0.grad == 1.0) and np.all(p1.grad == 1.0 / comm.size) and np.all(p2.grad == 0.0)
         agree(comm, ok, f"grads {p0.grad}, {p1.grad}, {p2.grad}")
-    finally:
-        model.close()
 
 
-@pytest.mark.parametrize("transport", ["shm", "thread"])
-def test_no_sync_accumulates_locally_then_averages_the_sum(comm, transport):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_no_sync_accumulates_locally_then_averages_the_sum(comm, wrap, transport):
     bag = ParamBag([(6,), (2, 3)], np.float64)
-    model = DataParallel(bag, comm, transport=transport)
-    try:
-        with model.no_sync():
-            model(float(comm.rank)).backward()
-            local = [p.grad.copy() for p in bag.parameters()]
-        agree(comm, all(np.all(g == comm.rank) for g in local), "no_sync reduced anyway")
-        model(1.0).backward()  # synchronised: averages (rank + 1)
-        expected = (comm.size - 1) / 2 + 1
-        agree(comm, all(np.all(p.grad == expected) for p in bag.parameters()), "accumulated mean")
-    finally:
-        model.close()
+    model = wrap(bag, transport=transport)
+    with model.no_sync():
+        model(float(comm.rank)).backward()
+        model(float(comm.rank)).backward()
+        local = [p.grad.copy() for p in bag.parameters()]
+    agree(comm, all(np.all(g == 2 * comm.rank) for g in local), "no_sync reduced anyway")
+    agree(comm, model.require_sync, "no_sync left synchronisation off")
+    model(1.0).backward()  # synchronised: averages (2 rank + 1)
+    expected = (comm.size - 1) + 1
+    agree(comm, all(np.all(p.grad == expected) for p in bag.parameters()), "accumulated mean")
 
 
 def _mlp(seed):
@@ -143,67 +154,113 @@ def _relative_error(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
-def _check_equivalence(comm, make_model, make_batch, global_batch, steps=5, make_optimizer=None, device="cpu"):
-    """Each rank trains on its slice of a global batch; after every step the
-    parameters must equal those of one process trained on the whole batch."""
+def _perturb_buffers(module, amount):
+    """Make this rank's buffers its own (batch-norm statistics differ between processes
+    that ran different batches before wrapping)."""
+    for buffer in module.buffers():
+        buffer += amount
+
+
+def _check_equivalence(comm, wrap, make_model, seed, make_batch, global_batch, steps=5, make_optimizer=None,
+                       device="cpu", make_reference=None, **options):
+    """Each rank builds its model from its own seed and trains on its slice of a global
+    batch; right after wrapping, and after every step, the parameters and buffers must
+    equal those of one process that built rank 0's model (with `make_reference`, if
+    given) and trained on the whole batch."""
     make_optimizer = make_optimizer or (lambda params: optim.SGD(params, lr=0.1, momentum=0.9))
-    replica, reference = make_model().to(device=device), make_model().to(device=device)
-    model = DataParallel(replica, comm)
-    try:
-        opt, ref_opt = make_optimizer(replica.parameters()), make_optimizer(reference.parameters())
-        rng = np.random.default_rng(7)  # the same global batches on every rank
-        share = global_batch // comm.size
-        mine = slice(comm.rank * share, (comm.rank + 1) * share)
-        worst = 0.0
-        for step in range(steps):
-            x, y = (to_device(a, device) for a in make_batch(rng, global_batch))
-            opt.zero_grad()
-            F.cross_entropy(model(dp.tensor(x[mine])), y[mine]).backward()
-            opt.step()
-            ref_opt.zero_grad()
-            F.cross_entropy(reference(dp.tensor(x)), y).backward()
-            ref_opt.step()
-            for (name, p), q in zip(replica.named_parameters(), reference.parameters()):
-                error = _relative_error(to_numpy(p.data), to_numpy(q.data))
-                worst = max(worst, error)
-                if error > 1e-10:
-                    break
-        agree(comm, worst <= 1e-10, f"largest relative error against one process: {worst:.3g}")
-    finally:
-        model.close()
+    replica = make_model(seed + 1000 * comm.rank).to(device=device)
+    _perturb_buffers(replica, comm.rank)
+    reference = (make_reference or make_model)(seed).to(device=device)  # rank 0's model
+    model = wrap(replica, **options)
+    rng = np.random.default_rng(7)  # the same global batches on every rank
+    share = global_batch // comm.size
+    mine = slice(comm.rank * share, (comm.rank + 1) * share)
+
+    def worst_error():
+        pairs = list(zip(replica.parameters(), reference.parameters()))
+        pairs += list(zip(replica.buffers(), reference.buffers()))
+        return max(_relative_error(to_numpy(getattr(p, "data", p)), to_numpy(getattr(q, "data", q))) for p, q in pairs)
+
+    agree(comm, worst_error() == 0.0, "right after wrapping, the replica differs from rank 0's model")
+    x, _ = (to_device(a, device) for a in make_batch(rng, global_batch))
+    with dp.no_grad():  # in eval mode nothing is broadcast on the way: wrapping did it all
+        ours, theirs = model.eval()(dp.tensor(x[mine])), reference.eval()(dp.tensor(x))
+    model.train()
+    reference.train()
+    worst = _relative_error(to_numpy(ours.data), to_numpy(theirs.data[mine]))
+    agree(comm, worst <= 1e-12, f"evaluated right after wrapping, the replica differs by {worst:.3g}")
+
+    opt, ref_opt = make_optimizer(replica.parameters()), make_optimizer(reference.parameters())
+    for step in range(steps):
+        x, y = (to_device(a, device) for a in make_batch(rng, global_batch))
+        opt.zero_grad()
+        F.cross_entropy(model(dp.tensor(x[mine])), y[mine]).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(dp.tensor(x)), y).backward()
+        ref_opt.step()
+        worst = worst_error()
+        agree(comm, worst <= 1e-10, f"after step {step + 1}, largest relative error against one process: {worst:.3g}")
 
 
-@pytest.mark.mpi(min_size=2)
-def test_mlp_on_rank_slices_equals_one_process_on_global_batch(comm, device):
-    def batch(rng, n):
-        return rng.standard_normal((n, 10)), rng.integers(0, 4, n)
-
-    _check_equivalence(comm, lambda: _mlp(3), batch, global_batch=12, device=device)
-    _check_equivalence(comm, lambda: _mlp(4), batch, global_batch=24,
-                       make_optimizer=lambda params: optim.Adam(params, lr=0.01), device=device)
+def _mlp_batch(rng, n):
+    return rng.standard_normal((n, 10)), rng.integers(0, 4, n)
 
 
-def test_replicas_stay_bitwise_identical_for_50_steps(comm):
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mlp_on_rank_slices_equals_one_process_on_global_batch(comm, wrap, device, transport):
+    _check_equivalence(comm, wrap, _mlp, 3, _mlp_batch, global_batch=12, device=device,
+                       transport=_transport_or_skip(transport, device), bucket_mb=0.001, first_bucket_mb=0.0005)
+
+
+def test_adam_on_rank_slices_equals_one_process_on_global_batch(comm, wrap, device):
+    _check_equivalence(comm, wrap, _mlp, 4, _mlp_batch, global_batch=24, device=device,
+                       make_optimizer=lambda params: optim.Adam(params, lr=0.01))
+
+
+def test_wrapping_gives_every_rank_rank_0s_parameters_and_buffers(comm, wrap):
+    dp.manual_seed(50 + comm.rank)  # every rank its own initial weights ...
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2, bias=False))
+    _perturb_buffers(net, comm.rank + 1)  # ... and statistics
+    before = {name: to_numpy(value).copy() for name, value in net.state_dict().items()}
+    rank0 = comm.bcast_object(before, root=0)
+    differ = comm.rank == 0 or any(not np.array_equal(before[k], rank0[k]) for k in before)
+    agree(comm, differ, "the ranks built identical models: the test would prove nothing")
+    arrays = [p.data for p in net.parameters()]
+    wrap(net)
+    after = {name: to_numpy(value) for name, value in net.state_dict().items()}
+    same = sorted(after) == sorted(rank0) and all(np.array_equal(after[k], rank0[k]) and after[k].dtype == rank0[k].dtype
+                                                  for k in rank0)
+    agree(comm, same and all(p.data is a for p, a in zip(net.parameters(), arrays)),
+          "after wrapping, parameters or buffers differ from rank 0's (or were replaced, not overwritten)")
+
+
+def test_replicas_stay_bitwise_identical_for_50_steps(comm, wrap):
     dp.manual_seed(100 + comm.rank)  # different initial weights: rank 0's are broadcast
-    model = DataParallel(net, comm)
-    try:
-        opt = optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        rng = np.random.default_rng(comm.rank)  # different data on every rank
-        for _ in range(50):
-            x = rng.standard_normal((16, 8)).astype(np.float32)
-            y = rng.integers(0, 3, 16)
-            opt.zero_grad()
-            F.cross_entropy(model(dp.tensor(x)), y).backward()
-            opt.step()
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    model = wrap(net)
+    opt = optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    rng = np.random.default_rng(comm.rank)  # different data on every rank
+    for _ in range(50):
+        x = rng.standard_normal((16, 8)).astype(np.float32)
+        y = rng.integers(0, 3, 16)
+        opt.zero_grad()
+        F.cross_entropy(model(dp.tensor(x)), y).backward()
+        opt.step()
+    model.check_replicas()
+
+
+def test_check_replicas_names_the_ranks_that_diverged(comm, wrap):
+    net = nn.Sequential(nn.Linear(3, 2))
+    model = wrap(net)
+    model.check_replicas()  # identical right after wrapping
+    if comm.rank == comm.size - 1:
+        net[0].bias.data[0] += 1e-7
+    with pytest.raises(ModelMismatchError, match=rf"ranks \[{comm.size - 1}\] hold parameters or buffers"):
         model.check_replicas()
-    finally:
-        model.close()
 
 
 def test_mismatched_models_raise_on_every_rank(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     width = 5 if comm.rank == 0 else 6
     net = nn.Sequential(nn.Linear(3, width))
     with pytest.raises(ModelMismatchError, match="rank 1 has parameter '0.weight' of shape"):
@@ -226,7 +283,7 @@ def test_reproducible_mode_is_bitwise_independent_of_rank_count(comm, micro_shar
     single = DataParallel(single_net, SingleProcessCommunicator(), reproducible=True, micro_shards=micro_shards)
     single_loss = single.reproducible_backward(loss_fn, x, y)
 
-    net = _mlp(5)
+    net = _mlp(5 + comm.rank)  # rank 0's weights are broadcast
     model = DataParallel(net, comm, reproducible=True, micro_shards=micro_shards)
     share = 24 // comm.size
     mine = slice(comm.rank * share, (comm.rank + 1) * share)
@@ -263,22 +320,24 @@ def test_global_norm_clip_is_identical_everywhere(comm):
           abs(np.linalg.norm(p.grad) - 1.0) < 1e-5, f"norm {norm}, grad {p.grad}")
 
 
-def _cnn(seed):
+def _cnn(seed, sync=True):
     from distprop.parallel import SyncBatchNorm
 
     dp.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
                         nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    return SyncBatchNorm.convert_sync_batchnorm(net).to(dtype=np.float64)
+    net = SyncBatchNorm.convert_sync_batchnorm(net) if sync else net
+    return net.to(dtype=np.float64)
 
 
-@pytest.mark.mpi(min_size=2)
-def test_cnn_with_sync_batchnorm_on_rank_slices_equals_one_process(comm, device):
+def test_cnn_with_sync_batchnorm_on_rank_slices_equals_one_process(comm, wrap, device):
     def batch(rng, n):
         return rng.standard_normal((n, 2, 8, 8)) * 3 + 1, rng.integers(0, 3, n)
 
-    _check_equivalence(comm, lambda: _cnn(9), batch, global_batch=12, device=device)
+    # The reference's batch norm is the plain one: it sees the whole batch by itself.
+    _check_equivalence(comm, wrap, _cnn, 9, batch, global_batch=12, device=device,
+                       make_reference=lambda seed: _cnn(seed, sync=False))
 
 
 def test_sync_batchnorm_running_statistics_are_those_of_the_global_batch(comm):
@@ -298,47 +357,37 @@ def test_sync_batchnorm_running_statistics_are_those_of_the_global_batch(comm):
 
 
 def test_ranks_that_differ_only_in_requires_grad_raise_on_every_rank(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     net = nn.Sequential(nn.Linear(3, 2))
     net[0].weight.requires_grad = comm.rank == 0  # the buckets would differ: a hang or wrong means
     with pytest.raises(ModelMismatchError, match="'0.weight' with requires_grad=False, rank 0 with True"):
         DataParallel(net, comm)
 
 
-@pytest.mark.parametrize("transport", ["shm", "thread", "iallreduce"])
-def test_frozen_zero_size_and_mixed_dtype_parameters(comm, transport):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_frozen_zero_size_and_mixed_dtype_parameters(comm, wrap, transport):
     bag = ParamBag([(3,), (0,), (4,), (2, 0), (5,)], np.float64)
     bag.p2.data = bag.p2.data.astype(np.float32)
     bag.p4.requires_grad = False
-    model = DataParallel(bag, comm, bucket_mb=1, transport=transport)
-    try:
-        for _ in range(2):
-            bag.zero_grad()
-            model(float(comm.rank)).backward()
-            p0, p1, p2, p3, p4 = bag.parameters()
-            expected = (comm.size - 1) / 2
-            ok = (p4.grad is None and p2.grad.dtype == np.float32 and p1.grad.shape == (0,)
-                  and p3.grad.shape == (2, 0) and np.all(p0.grad == expected) and np.all(p2.grad == expected))
-            agree(comm, ok, f"grads {[None if p.grad is None else (p.grad.dtype, p.grad) for p in bag.parameters()]}")
-    finally:
-        model.close()
+    model = wrap(bag, bucket_mb=1, transport=transport)
+    for _ in range(2):
+        bag.zero_grad()
+        model(float(comm.rank)).backward()
+        p0, p1, p2, p3, p4 = bag.parameters()
+        expected = (comm.size - 1) / 2
+        ok = (p4.grad is None and p2.grad.dtype == np.float32 and p1.grad.shape == (0,)
+              and p3.grad.shape == (2, 0) and np.all(p0.grad == expected) and np.all(p2.grad == expected))
+        agree(comm, ok, f"grads {[None if p.grad is None else (p.grad.dtype, p.grad) for p in bag.parameters()]}")
 
 
-def test_a_model_cast_after_wrapping_fails_clearly(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks (one rank has no reducer)")
+def test_a_model_cast_after_wrapping_fails_clearly(comm, wrap):
     net = nn.Sequential(nn.Linear(4, 3))
-    model = DataParallel(net, comm, transport="thread")
-    try:
-        net.to(np.float64)  # its gradient buffers were laid out for float32
-        with pytest.raises(RuntimeError, match="parameter '0.(weight|bias)' is now float64"):
-            model(dp.tensor(np.ones((2, 4)))).sum().backward()
-    finally:
-        model.close()
+    model = wrap(net, transport="thread")
+    net.to(np.float64)  # its gradient buffers were laid out for float32
+    with pytest.raises(RuntimeError, match="parameter '0.(weight|bias)' is now float64"):
+        model(dp.tensor(np.ones((2, 4)))).sum().backward()
 
 
-def test_namedtuple_outputs_keep_their_type(comm):
+def test_namedtuple_outputs_keep_their_type(comm, wrap):
     import collections
 
     Out = collections.namedtuple("Out", "logits doubled")
@@ -352,43 +401,31 @@ def test_namedtuple_outputs_keep_their_type(comm):
             y = self.fc(x)
             return Out(y, y * 2)
 
-    model = DataParallel(Two(), comm)
-    try:
-        out = model(dp.tensor(np.ones((2, 3), np.float32)))
-        agree(comm, isinstance(out, Out), f"got {type(out).__name__}")
-        (out.logits.sum() + out.doubled.sum()).backward()
-    finally:
-        model.close()
+    model = wrap(Two())
+    out = model(dp.tensor(np.ones((2, 3), np.float32)))
+    agree(comm, isinstance(out, Out), f"got {type(out).__name__}")
+    (out.logits.sum() + out.doubled.sum()).backward()
 
 
-def test_iallreduce_keeps_no_completed_requests_between_steps(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks (one rank has no reducer)")
+def test_iallreduce_keeps_no_completed_requests_between_steps(comm, wrap):
     bag = ParamBag([(3,)] * 4, np.float64)
-    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5, transport="iallreduce")
-    try:
-        for _ in range(10):
-            model(1.0).backward()
-        pending = len(model.reducer.transport._pending)
-        agree(comm, pending <= len(model.reducer.buckets), f"{pending} requests kept after 10 steps")
-    finally:
-        model.close()
+    model = wrap(bag, bucket_mb=1e-5, first_bucket_mb=1e-5, transport="iallreduce")
+    for _ in range(10):
+        model(1.0).backward()
+    pending = len(model.reducer.transport._pending)
+    agree(comm, pending <= len(model.reducer.buckets), f"{pending} requests kept after 10 steps")
 
 
-def test_closing_one_of_two_wrappers_leaves_the_other_working(comm):
+def test_closing_one_of_two_wrappers_leaves_the_other_working(comm, wrap):
     bag = ParamBag([(3,), (4,)], np.float64)
-    first, second = DataParallel(bag, comm, transport="thread"), DataParallel(bag, comm, transport="thread")
-    try:
-        first.close()
-        bag.zero_grad()
-        second(float(comm.rank)).backward()
-        expected = (comm.size - 1) / 2
-        ok = all(np.all(p.grad == expected) for p in bag.parameters())
-        if second.reducer is not None:  # its buckets still receive the gradients directly
-            ok = ok and all(p.grad_buffer is not None for p in bag.parameters())
-        agree(comm, ok, f"grads {[p.grad for p in bag.parameters()]}")
-    finally:
-        second.close()
+    first, second = wrap(bag, transport="thread"), wrap(bag, transport="thread")
+    first.close()
+    bag.zero_grad()
+    second(float(comm.rank)).backward()
+    expected = (comm.size - 1) / 2
+    ok = all(np.all(p.grad == expected) for p in bag.parameters())
+    ok = ok and all(p.grad_buffer is not None for p in bag.parameters())  # its buckets still receive them
+    agree(comm, ok, f"grads {[p.grad for p in bag.parameters()]}")
 
 
 def test_mean_of_integers_is_a_float(comm):
@@ -417,26 +454,23 @@ def test_a_failed_shared_memory_reservation_leaves_no_file(monkeypatch):
         assert not os.path.exists(path)
 
 
-def test_shared_memory_that_cannot_be_had_fails_everywhere_or_falls_back(comm, monkeypatch):
-    if comm.size == 1 or comm.local_size == 1:
-        pytest.skip("needs ranks that share a node")
+def test_shared_memory_that_cannot_be_had_fails_everywhere_or_falls_back(comm, wrap, monkeypatch):
+    if comm.local_size == 1:
+        pytest.skip("platform: needs ranks that share a node")
     from distprop.parallel import shm
 
     monkeypatch.setattr(shm, "_reserve", lambda path, nbytes: f"cannot reserve {nbytes} bytes: simulated")
     bag = ParamBag([(3,), (4,)], np.float64)
     with pytest.raises(OSError, match="shared-memory transport: rank 0: cannot reserve .* simulated"):
         DataParallel(bag, comm, transport="shm")
-    model = DataParallel(bag, comm)  # chosen automatically: every rank falls back alike
-    try:
-        agree(comm, model.reducer.transport.name == "thread", model.reducer.transport.name)
-        model(float(comm.rank)).backward()
-        agree(comm, all(np.all(p.grad == (comm.size - 1) / 2) for p in bag.parameters()), "mean")
-    finally:
-        model.close()
+    model = wrap(bag)  # chosen automatically: every rank falls back alike
+    agree(comm, model.reducer.transport.name == "thread", model.reducer.transport.name)
+    model(float(comm.rank)).backward()
+    agree(comm, all(np.all(p.grad == (comm.size - 1) / 2) for p in bag.parameters()), "mean")
 
 
-@pytest.mark.parametrize("transport", ["shm", "thread", "iallreduce"])
-def test_a_backward_that_raised_everywhere_leaves_the_next_step_averaged(comm, transport):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_backward_that_raised_everywhere_leaves_the_next_step_averaged(comm, wrap, transport):
     from distprop.autograd import Function
 
     class Fails(Function):
@@ -447,30 +481,26 @@ def test_a_backward_that_raised_everywhere_leaves_the_next_step_averaged(comm, t
             raise FloatingPointError("deliberate, on every rank")
 
     bag = ParamBag([(3,), (4,), (5,)], np.float64)
-    model = DataParallel(bag, comm, bucket_mb=1e-5, first_bucket_mb=1e-5, transport=transport)
-    try:
-        p0, p1, p2 = bag.parameters()
-        started = []
-        if model.reducer is not None:
-            transport = model.reducer.transport
-            start = transport.start
-            transport.start = lambda bucket: started.append(bucket.index) or start(bucket)
-        out = model(1.0, use={1, 2})
-        with pytest.raises(FloatingPointError):
-            # The walk goes depth first from the last input: the model's branch runs
-            # first, so the buckets of p2 and p1 start before the failure on p0's path.
-            (Fails()((p0 * 1.0).sum()) + out).backward()
-        agree(comm, model.reducer is None or started == [0, 1], f"buckets started before the failure: {started}")
-        bag.zero_grad()
-        model(float(comm.rank)).backward()
-        expected = (comm.size - 1) / 2
-        agree(comm, all(np.all(p.grad == expected) for p in bag.parameters()),
-              f"grads after a failed pass {[p.grad for p in bag.parameters()]}")
-    finally:
-        model.close()
+    model = wrap(bag, bucket_mb=1e-5, first_bucket_mb=1e-5, transport=transport)
+    p0, p1, p2 = bag.parameters()
+    started = []
+    reducing = model.reducer.transport
+    start = reducing.start
+    reducing.start = lambda bucket: started.append(bucket.index) or start(bucket)
+    out = model(1.0, use={1, 2})
+    with pytest.raises(FloatingPointError):
+        # The walk goes depth first from the last input: the model's branch runs
+        # first, so the buckets of p2 and p1 start before the failure on p0's path.
+        (Fails()((p0 * 1.0).sum()) + out).backward()
+    agree(comm, started == [0, 1], f"buckets started before the failure: {started}")
+    bag.zero_grad()
+    model(float(comm.rank)).backward()
+    expected = (comm.size - 1) / 2
+    agree(comm, all(np.all(p.grad == expected) for p in bag.parameters()),
+          f"grads after a failed pass {[p.grad for p in bag.parameters()]}")
 
 
-def test_training_forward_gives_every_rank_rank_0s_buffers(comm):
+def test_training_forward_gives_every_rank_rank_0s_buffers(comm, wrap):
     class WithBuffers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -482,12 +512,22 @@ def test_training_forward_gives_every_rank_rank_0s_buffers(comm):
             return self.linear(x)
 
     net = WithBuffers()
-    model = DataParallel(net, comm)
-    try:
-        net.scale[...] = comm.rank + 1  # replicas drift apart between steps ...
-        net.steps[...] = 10 * comm.rank
-        model(dp.tensor(np.ones((2, 3), np.float32))).sum().backward()  # ... and a training forward realigns them
-        ok = np.all(net.scale == 1.0) and int(net.steps) == 0 and net.steps.dtype == np.int64
-        agree(comm, ok, f"buffers after forward: {net.scale}, {net.steps}")
-    finally:
-        model.close()
+    model = wrap(net)
+    net.scale[...] = comm.rank + 1  # replicas drift apart between steps ...
+    net.steps[...] = 10 * comm.rank
+    model(dp.tensor(np.ones((2, 3), np.float32))).sum().backward()  # ... and a training forward realigns them
+    ok = np.all(net.scale == 1.0) and int(net.steps) == 0 and net.steps.dtype == np.int64
+    agree(comm, ok, f"buffers after forward: {net.scale}, {net.steps}")
+    net.scale[...] = comm.rank + 1
+    with dp.no_grad():
+        model.eval()(dp.tensor(np.ones((2, 3), np.float32)))  # evaluation leaves them alone
+    agree(comm, np.all(net.scale == comm.rank + 1), f"an eval forward broadcast the buffers: {net.scale}")
+
+
+def test_broadcast_buffers_off_leaves_each_rank_its_own(comm, wrap):
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model = wrap(net, broadcast_buffers=False)
+    net[1].running_mean[...] = comm.rank
+    model(dp.tensor(np.zeros((4, 3), np.float32))).sum().backward()  # zero inputs: the batch mean is the bias
+    expected = 0.9 * comm.rank + 0.1 * to_numpy(net[0].bias.data)
+    agree(comm, np.allclose(net[1].running_mean, expected, rtol=1e-6), f"running mean {net[1].running_mean}")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mpi_launch import mpiexec, run_program
+from mpi_launch import NO_MPIEXEC, mpiexec, run_program
 
 
 def test_plain_process_without_launcher_is_a_job_of_one():
@@ -20,7 +20,7 @@ def _reports(stdout):
     return [tuple(map(int, m)) for m in re.findall(pattern, stdout)]
 
 
-@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec on PATH")
+@pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
 def test_each_rank_gets_its_share_of_the_cores():
     result, _ = run_program(2, "thread_share.py", timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -31,7 +31,7 @@ def test_each_rank_gets_its_share_of_the_cores():
         assert blas == expected, (rank, local_size, blas, allowed, cores)
 
 
-@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec on PATH")
+@pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
 def test_thread_counts_the_user_set_are_left_alone():
     # 2 threads each: more than the share init() would give 2 ranks on 2 cores, and
     # no more than OpenBLAS accepts on a 2-core machine.

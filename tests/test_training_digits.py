@@ -17,8 +17,9 @@ from threadpoolctl import threadpool_limits
 import distprop as dp
 import distprop.functional as F
 from distprop import nn, optim
+from helpers import INSTALL_SKLEARN
 
-datasets = pytest.importorskip("sklearn.datasets")
+datasets = pytest.importorskip("sklearn.datasets", reason=INSTALL_SKLEARN)
 
 
 def stratified_split(labels, test_fraction, seed):

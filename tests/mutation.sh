@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Mutation testing of distprop's core with mutmut: does the suite fail when the code
+# is subtly wrong? Each mutant (one small change: an operator, a constant, a
+# condition, a dropped call) is run against the tests that execute the changed
+# function; a mutant no test fails on "survived".
+#
+#   bash tests/mutation.sh [GROUP...]      GROUP: autograd functional optim parallel data
+#                                          (default: all five, one after the other)
+#
+# Each group runs in a fresh copy of this working tree under $MUTATION_DIR
+# (default /tmp/distprop-mutation/GROUP), at most $MUTATION_JOBS mutants at a time
+# (default 2), and the MPI tests run on 2 ranks as part of it (tests/mutation_mpi.py).
+# tests/mutation_report.py then prints the score of every file and each surviving
+# mutant that tests/mutation_equivalents.txt does not list as equivalent; the
+# summary goes to $MUTATION_DIR/GROUP/report.txt. Needs mutmut 3.8
+# (pip install "distprop[mutation]").
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+workroot="${MUTATION_DIR:-/tmp/distprop-mutation}"
+jobs="${MUTATION_JOBS:-2}"
+
+if [ "$(id -u)" = 0 ]; then  # Open MPI refuses to start as root without these
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+python -c "import mutmut" 2>/dev/null || { echo "mutation.sh: install mutmut: pip install -e '.[mutation]'" >&2; exit 2; }
+
+# group -> what to mutate (globs, or mutant names for part of a file) and the tests to run
+configure() {
+  mutate=() skip=() names=() tests=()
+  case "$1" in
+    autograd)
+      mutate=(distprop/autograd.py)
+      tests=(tests/test_autograd.py tests/test_functional_*.py tests/test_nn_module.py) ;;
+    functional)
+      mutate=("distprop/functional/*")
+      tests=(tests/test_functional_*.py tests/test_autograd.py tests/test_nn_*.py tests/test_models_smoke.py) ;;
+    optim)
+      mutate=("distprop/optim/*")
+      tests=(tests/test_optim_*.py) ;;
+    parallel)
+      mutate=(distprop/parallel/communicator.py distprop/parallel/data_parallel.py distprop/parallel/reducer.py
+              distprop/parallel/sync_batchnorm.py distprop/parallel/shm.py "distprop/parallel/transports/*")
+      skip=("*nccl*")  # needs a GPU
+      tests=(tests/test_parallel_*.py tests/mutation_mpi.py) ;;
+    data)
+      # the sampler, and the loader's resume state (the rest of the loader is I/O)
+      mutate=(distprop/data/sampler.py distprop/data/loader.py)
+      names=("distprop.data.sampler.*"
+             "distprop.data.loader.xǁArrowLoaderǁset_epoch__mutmut_*"
+             "distprop.data.loader.xǁArrowLoaderǁstate_dict__mutmut_*"
+             "distprop.data.loader.xǁArrowLoaderǁload_state_dict__mutmut_*"
+             "distprop.data.loader.xǁArrowLoaderǁcheck_consistent__mutmut_*"
+             "distprop.data.loader.xǁArrowLoaderǁ_consistency_record__mutmut_*"
+             "distprop.data.loader.xǁArrowLoaderǁ__iter____mutmut_*"
+             "distprop.data.loader.xǁArrowLoaderǁ_advance__mutmut_*"
+             "distprop.data.loader.xǁ_LoaderIteratorǁ*")
+      tests=(tests/test_data_sampler.py tests/test_data_loader.py tests/mutation_mpi.py) ;;
+    *) echo "mutation.sh: unknown group '$1' (autograd functional optim parallel data)" >&2; exit 2 ;;
+  esac
+}
+
+run_group() {
+  local group="$1" dir="$workroot/$1"
+  configure "$group"
+  rm -rf "$dir" && mkdir -p "$dir"
+  # the working tree as it is (tracked and new files), without build outputs
+  (cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$dir" 2>/dev/null) || true
+  cd "$dir"
+  shopt -s nullglob
+  {
+    echo "[mutmut]"
+    echo "source_paths = distprop"
+    echo "only_mutate ="; for m in "${mutate[@]}"; do echo "    $m"; done
+    echo "do_not_mutate ="; for m in "${skip[@]}"; do echo "    $m"; done
+    echo "pytest_add_cli_args_test_selection ="; for t in "${tests[@]}"; do [ -e "$t" ] && echo "    $t"; done
+    echo "pytest_add_cli_args ="; printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=ci
+  } > setup.cfg
+  shopt -u nullglob
+  echo "== mutation: $group ($(date -u +%FT%TZ), $jobs at a time, in $dir)"
+  local start=$SECONDS
+  # The package under test is the mutated copy, also for subprocesses and MPI ranks.
+  # (The folder must exist before Python starts, or it is never searched.)
+  mkdir -p mutants
+  PYTHONPATH="$dir/mutants" DISTPROP_WATCHDOG_TIMEOUT=30 \
+    mutmut run --max-children "$jobs" "${names[@]}" > mutmut.log 2>&1 || { tail -c 3000 mutmut.log; exit 1; }
+  python "$repo/tests/mutation_report.py" --equivalents "$repo/tests/mutation_equivalents.txt" \
+    --minutes $(( (SECONDS - start + 59) / 60 )) | tee report.txt
+  cd "$repo"
+}
+
+groups=("$@")
+[ ${#groups[@]} -gt 0 ] || groups=(autograd functional optim parallel data)
+for group in "${groups[@]}"; do run_group "$group"; done

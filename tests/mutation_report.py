@@ -1,0 +1,171 @@
+"""Summarise a mutmut run (run from its directory; tests/mutation.sh does).
+
+Prints, per mutated file: mutants tried, detected (a test failed or timed out),
+surviving mutants listed as equivalent in the equivalents file, and the score
+detected / (tried - equivalent). Then every survivor that is not listed, with its
+diff, and every listed entry that matched no mutant (stale after a code change).
+
+The equivalents file holds blocks separated by blank lines:
+
+    distprop/optim/adam.py Adam.step
+      - if weight_decay != 0:
+      + if weight_decay != 1:
+      why: with weight_decay 0 or 1 ...
+
+A block matches a survivor of that file and function whose diff removes exactly
+the "-" lines and adds exactly the "+" lines (whitespace at the ends ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
+from mutmut.utils.file_utils import walk_mutatable_files
+from mutmut.utils.format_utils import orig_function_and_class_names_from_key
+
+DETECTED = {"killed", "timeout", "segfault"}
+UNDETECTED = {"survived", "no tests", "suspicious"}
+
+
+@dataclass
+class Equivalent:
+    path: str
+    function: str
+    removed: tuple[str, ...]
+    added: tuple[str, ...]
+    why: str
+    where: str  # line of the equivalents file, for messages
+    matched: int = 0
+
+
+@dataclass
+class FileScore:
+    tried: int = 0
+    detected: int = 0
+    equivalent: int = 0
+    open: list = field(default_factory=list)  # (mutant name, function, diff)
+
+    @property
+    def score(self) -> float:
+        considered = self.tried - self.equivalent
+        return 100.0 * self.detected / considered if considered else 100.0
+
+
+def read_equivalents(path: Path) -> list[Equivalent]:
+    entries, block, start = [], [], 0
+    lines = path.read_text().splitlines() + [""]
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            entries.append(_parse_block(block, f"{path.name}:{start}"))
+            block = []
+    return entries
+
+
+def _parse_block(block: list[str], where: str) -> Equivalent:
+    header = block[0].split()
+    if len(header) != 2 or block[0][0].isspace():
+        raise SystemExit(f"{where}: expected 'path function' on the first line, got {block[0]!r}")
+    removed, added, why = [], [], []
+    for line in block[1:]:
+        text = line.strip()
+        if text.startswith("- "):
+            removed.append(text[2:].strip())
+        elif text.startswith("+ "):
+            added.append(text[2:].strip())
+        elif text.startswith("why:"):
+            why.append(text[4:].strip())
+        elif why:
+            why.append(text)  # a reason continued on the next line
+        else:
+            raise SystemExit(f"{where}: lines start with '- ', '+ ' or 'why:', got {text!r}")
+    if not why or not (removed or added):
+        raise SystemExit(f"{where}: an entry needs '-'/'+' lines and a 'why:'")
+    return Equivalent(header[0], header[1], tuple(removed), tuple(added), " ".join(why), where)
+
+
+def function_name(mutant: str) -> str:
+    name, class_name = orig_function_and_class_names_from_key(mutant)
+    return f"{class_name}.{name}" if class_name else name
+
+
+def changed_lines(diff: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    removed = tuple(line[1:].strip() for line in diff.splitlines()
+                    if line.startswith("-") and not line.startswith("---"))
+    added = tuple(line[1:].strip() for line in diff.splitlines()
+                  if line.startswith("+") and not line.startswith("+++"))
+    return removed, added
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--equivalents", type=Path, required=True)
+    parser.add_argument("--minutes", type=int, default=None, help="how long the run took, for the summary")
+    args = parser.parse_args()
+    equivalents = read_equivalents(args.equivalents)
+    by_place = defaultdict(list)
+    for entry in equivalents:
+        by_place[entry.path, entry.function].append(entry)
+
+    scores: dict[str, FileScore] = {}
+    statuses = Counter()
+    for path in walk_mutatable_files():
+        data = SourceFileMutationData(path=path)
+        data.load()
+        score = FileScore()
+        for mutant, exit_code in sorted(data.exit_code_by_key.items()):
+            status = status_by_exit_code[exit_code]
+            if status == "not checked":
+                continue  # outside this run's selection of functions
+            statuses[status] += 1
+            score.tried += 1
+            if status in DETECTED:
+                score.detected += 1
+                continue
+            function = function_name(mutant)
+            diff = get_diff_for_mutant(mutant, path=path)
+            removed, added = changed_lines(diff)
+            listed = [e for e in by_place[str(path), function] if (e.removed, e.added) == (removed, added)]
+            for entry in listed:
+                entry.matched += 1
+            if listed and status in UNDETECTED:
+                score.equivalent += 1
+            else:
+                score.open.append((mutant, status, diff))
+        if score.tried:
+            scores[str(path)] = score
+
+    total = FileScore()
+    print(f"mutation score, {datetime.date.today().isoformat()}"
+          + (f", {args.minutes} min" if args.minutes is not None else ""))
+    print(f"{'file':48} {'tried':>6} {'detected':>9} {'equiv.':>7} {'open':>5} {'score':>7}")
+    for path, score in sorted(scores.items()):
+        print(f"{path:48} {score.tried:6} {score.detected:9} {score.equivalent:7} {len(score.open):5} "
+              f"{score.score:6.1f}%")
+        total.tried += score.tried
+        total.detected += score.detected
+        total.equivalent += score.equivalent
+        total.open += score.open
+    print(f"{'all':48} {total.tried:6} {total.detected:9} {total.equivalent:7} {len(total.open):5} "
+          f"{total.score:6.1f}%")
+    print("statuses: " + ", ".join(f"{status} {count}" for status, count in sorted(statuses.items())))
+    for mutant, status, diff in total.open:
+        print(f"\n--- {status}: {mutant}\n{diff.rstrip()}")
+    stale = [e for e in equivalents if not e.matched and any(e.path == p for p in scores)]
+    for entry in stale:
+        print(f"\nlisted as equivalent but matched no mutant ({entry.where}): {entry.path} {entry.function} "
+              f"{entry.removed} -> {entry.added}")
+
+
+if __name__ == "__main__":
+    main()
