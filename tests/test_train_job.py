@@ -86,6 +86,7 @@ def test_the_default_job_reaches_97_percent(tmp_path, ranks):
         assert {"epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy", "lr", "samples_per_s",
                 "comm_wait_fraction", "wall_time"} <= record.keys()
     assert "\r" not in result.stdout  # not a terminal: plain log lines, no redrawn bar
+    assert f"  step 20/{final['step']}  loss " in result.stdout  # (Open MPI's ranks see a pseudo-terminal)
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{final['step']:08d}\n"
     assert final["phases"]["comm_wait_s"]["mean"] > 0 if ranks > 1 else final["phases"]["comm_wait_s"]["mean"] == 0
 
@@ -203,6 +204,37 @@ def test_the_timeline_is_a_trace_whose_bucket_reductions_overlap_backward(tmp_pa
             wait = phases["wait for reductions"]["ts"]
             overlapping_steps += any(b["ts"] < wait for b in buckets)  # began while backward still computed
     assert overlapping_steps > 0
+
+
+@pytest.mark.slow
+def test_on_a_terminal_rank_0_shows_a_progress_bar(tmp_path, digits):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal's size
+    command = [sys.executable, "-m", "distprop", "train", "--out", str(tmp_path), "--data", str(digits),
+               "--steps", "30", "--log-every", "10"]
+    process = subprocess.Popen(command, stdout=follower, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the follower side closed: the process is done
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=TIMEOUT) == 0, process.stderr.read().decode()
+    process.stderr.close()
+    text = output.decode()
+    assert "30/30 [" in text and "samples/s" in text and "step/s]" in text  # tqdm's bar, redrawn
+    assert "  step 10/30  loss " not in text  # no log lines beside it
+    assert "final test accuracy" in text
 
 
 @pytest.mark.slow

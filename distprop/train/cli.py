@@ -91,6 +91,13 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = strict_parse_known_args
 
 
+def _check_gpu() -> None:
+    from distprop import backend
+
+    if not backend.gpu_available():
+        raise UserError("device 'gpu': cupy is not installed or sees no GPU (pip install 'distprop[gpu]')")
+
+
 def config_from_args(args):
     """The resolved TrainConfig: defaults < the TOML file < flags."""
     file_values = {}
@@ -103,6 +110,8 @@ def config_from_args(args):
 def run(args) -> int:
     try:
         config = config_from_args(args)
+        if config.device == "gpu":
+            _check_gpu()
     except UserError as error:
         report(str(error))
         return 2

@@ -326,8 +326,10 @@ def _toml_value(value) -> str:
 
 
 def describe(config: TrainConfig) -> str:
-    """Several lines: every option and its value, marking those given explicitly."""
+    """Several lines: every option that applies to the model and its value, marking
+    those given explicitly."""
     width = max(map(len, OPTIONS))
-    return "\n".join(f"  {name:<{width}}  {value!r}{'' if name not in config.explicit else '  (given)'}"
-                     for name, value in config.to_dict().items())
+    return "\n".join(f"  {name:<{width}}  {value!r}{'  (given)' if name in config.explicit else ''}"
+                      for name, value in config.to_dict().items()
+                      if config.model in (OPTIONS[name].metadata["models"] or (config.model,)))
 

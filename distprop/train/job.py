@@ -95,6 +95,11 @@ def run_job(config, comm, device: str) -> dict:
         state = TrainerState.from_dict(trainer_state)
         remaining = 0 if state.epoch_done else job_data.batches_left_in_epoch(train_loader) // config.accumulation_steps
         total = config.steps or state.step + remaining + (config.epochs - state.epoch - 1) * steps_per_epoch
+        if state.step >= total:
+            _say(comm, f"{checkpoint.path} is at step {state.step}, the end of a job of {total} steps: nothing to "
+                       "do (give more --epochs or --steps to train on)")
+            model.close()
+            return {"step": state.step, "total_steps": total, "nothing_to_do": True}
         if (total, lr) == (state.total_steps, state.peak_lr):
             # Built before the optimizer's state is loaded: building sets the lr it restores.
             scheduler = agreed(comm, build_schedule, config, optimizer, total)

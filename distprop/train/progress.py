@@ -6,6 +6,7 @@ variables (e.g. ``TQDM_MININTERVAL``) apply to the bar."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -13,8 +14,16 @@ def choose_mode(requested: str, rank: int, verbose: bool) -> str:
     if rank != 0:
         return "log" if verbose and requested != "none" else "none"
     if requested == "auto":
-        return "bar" if sys.stdout.isatty() else "log"
+        return "bar" if stdout_is_terminal() else "log"
     return requested
+
+
+def stdout_is_terminal() -> bool:
+    """Whether what is printed reaches a terminal. Open MPI's mpiexec hands every rank
+    a pseudo-terminal as stdout whatever its own stdout is (a log file included), so
+    under it the answer is unknown, and log lines are the safe choice there
+    (`--progress bar` asks for the bar anyway)."""
+    return sys.stdout.isatty() and "OMPI_COMM_WORLD_SIZE" not in os.environ
 
 
 class Progress:

@@ -202,8 +202,11 @@ class Trainer:
         return record
 
     def _log_training(self) -> None:
+        local = self.log_window.local_means()
         record = self._record("train", **self._window_record(self.log_window))
         self.log_window.reset()
+        if self.comm.rank:  # a verbose rank shows its own figures
+            record = {**record, **local, "samples_per_s": self.samples_per_step / local["step_s"]}
         self.progress.log(record, self.epochs)
 
     def _evaluate(self) -> None:
