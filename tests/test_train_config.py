@@ -35,13 +35,14 @@ def test_defaults_then_file_then_flags(tmp_path):
 
 def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
     config = resolve("--model", "transformer", "--d-model", 32, "--optimizer", "adamw", "--betas", "0.8,0.9",
-                     "--clip-grad-norm", 2, "--timeline", "t.json")
+                     "--clip-grad-norm", 2, "--timeline", "t.json", "--out", "elsewhere")
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
     again = resolve_config(from_toml(load_toml(path), path), {})
-    assert again.to_dict() == config.to_dict()
-    assert "# hidden_sizes =  (not set)" in path.read_text() and "# blocks_per_stage = 3  (resnet20 only)" in \
-        path.read_text()
+    assert again.to_dict() == {**config.to_dict(), "timeline": None, "out": "runs/train"}
+    text = path.read_text()
+    assert "# hidden_sizes =  (not set)" in text and "# blocks_per_stage = 3  (resnet20 only)" in text
+    assert '# timeline = "t.json"  (this run\'s)' in text
 
 
 @pytest.mark.parametrize("argv, message", [

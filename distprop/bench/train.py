@@ -51,9 +51,9 @@ def run(args) -> int:
 # ---- 1. the job against a plain loop ------------------------------------------------
 
 def bookkeeping(args, comm, work: str) -> None:
+    from distprop.cli import build_parser
     from distprop.data.converters import convert_digits
     from distprop.train.cli import config_from_args
-    from distprop.cli import build_parser
 
     data = os.path.join(work, "digits")
     convert_digits(data, seed=0)

@@ -13,8 +13,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from distprop.checkpoint import layout, rng, tree
 from distprop.checkpoint.errors import CheckpointError
 from distprop.checkpoint.save import FORMAT, FORMAT_VERSION, MODEL_FILE, STATE_FILE, unwrap

@@ -47,13 +47,14 @@ def _split(value, path: str, arrays: dict):
     if isinstance(value, list):
         return [_split(v, _child(path, i), arrays) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        plain = all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value)) in _TAGS)
+        tag_like = len(value) == 1 and next(iter(value)) in _TAGS
+        plain = all(isinstance(k, str) for k in value) and not tag_like
         if plain:
             return {k: _split(v, _child(path, k), arrays) for k, v in value.items()}
         return {ITEMS: [[_split(k, _child(path, "key"), arrays), _split(v, _child(path, k), arrays)]
                         for k, v in value.items()]}
-    raise TypeError(f"{path or 'the state'}: a checkpoint stores numbers, strings, None, lists, tuples, dicts and arrays, "
-                    f"not {type(value).__name__}")
+    raise TypeError(f"{path or 'the state'}: a checkpoint stores numbers, strings, None, lists, tuples, dicts "
+                    f"and arrays, not {type(value).__name__}")
 
 
 def _child(path: str, key) -> str:

@@ -122,7 +122,8 @@ class TrainConfig:
     eval_every: int = option(0, "also evaluate every this many steps (0: at the end of each epoch only)",
                              minimum=0)
     eval_batch_size: int = option(256, "samples per rank per evaluation batch", minimum=1)
-    out: str = option("runs/train", "output directory: config, metrics.jsonl, summary.json, checkpoints/", kind="invocation")
+    out: str = option("runs/train", "output directory: config, metrics.jsonl, summary.json, checkpoints/",
+                      kind="invocation")
     checkpoint_every: int = option(0, "write a checkpoint every this many steps (0: at the end of each "
                                    "epoch), and always at the end", minimum=0)
     keep_checkpoints: int = option(3, "complete checkpoints to keep (at least 2)", minimum=2)
@@ -137,7 +138,8 @@ class TrainConfig:
     verbose: bool = option(False, "other ranks print their own log lines too")
     timeline: str = option(None, "write a Chrome trace (Perfetto, chrome://tracing) of a window of steps "
                            "to this file", type=str, optional=True, kind="invocation")
-    timeline_start: int = option(10, "first step of the timeline's window (clamped to the run)", minimum=1, kind="invocation")
+    timeline_start: int = option(10, "first step of the timeline's window (clamped to the run)", minimum=1,
+                                 kind="invocation")
     timeline_steps: int = option(5, "steps in the timeline's window", minimum=1, kind="invocation")
     timing_warmup: int = option(10, "steps at the start of the run left out of summary.json's phase means",
                                 minimum=0)
@@ -289,8 +291,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("nesterov needs a momentum above 0 (set momentum, or nesterov = false)")
     if config.steps is not None and config.warmup_steps >= config.steps:
         raise ConfigError(f"warmup_steps ({config.warmup_steps}) must be fewer than steps ({config.steps})")
-    if config.model == "resnet20" and config.widths is not None and len(config.widths) < 1:
-        raise ConfigError("widths: give at least one stage width")
     if config.model == "lenet" and config.channels is not None and len(config.channels) != 2:
         raise ConfigError(f"channels: lenet has two convolutions, got {len(config.channels)} widths")
 
@@ -301,8 +301,9 @@ def _default(name: str):
 
 
 def to_toml(config: TrainConfig) -> str:
-    """The config as a TOML file `--config` reads back: unset options, and those of
-    other models, commented out."""
+    """The config as a TOML file `--config` reads back: unset options, other models'
+    and this invocation's own (out, resume, stop_at, ...: reading the file again must
+    not replay them) commented out."""
     lines = []
     for name, value in config.to_dict().items():
         models = OPTIONS[name].metadata["models"]
@@ -310,6 +311,8 @@ def to_toml(config: TrainConfig) -> str:
             lines.append(f"# {name} =  (not set)")
         elif models and config.model not in models:
             lines.append(f"# {name} = {_toml_value(value)}  ({' or '.join(models)} only)")
+        elif name in INVOCATION:
+            lines.append(f"# {name} = {_toml_value(value)}  (this run's)")
         else:
             lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

@@ -129,7 +129,7 @@ def run_job(config, comm, device: str) -> dict:
         print(f"distprop train: {comm.size} rank(s) on {device}, {num_classes} classes, input "
               f"'{spec.name}' {spec.describe()}, global batch {batch * comm.size * config.accumulation_steps}, "
               f"{steps_per_epoch} steps per epoch, {total} steps\n{describe(config)}", flush=True)
-        keep = resume.metrics_lines_to_keep(config, checkpoint, trainer_state) if checkpoint is not None else None
+        keep = resume.metrics_lines_to_keep(config, checkpoint, trainer_state)
         metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl"), keep)
     timeline = None
     if config.timeline:
