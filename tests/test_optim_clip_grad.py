@@ -1,4 +1,4 @@
-"""clip_grad_norm_ against torch.nn.utils.clip_grad_norm_."""
+"""clip_grad_norm_ against the norm computed by hand and against torch.nn.utils.clip_grad_norm_."""
 
 import math
 
@@ -13,6 +13,38 @@ from helpers import assert_close, requires_torch, torch
 def _grads(scale, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s) * scale for s in [(5, 4), (4,), (3, 3, 2)]]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # below and above the threshold
+def test_clips_by_the_norm_of_all_gradients_together(norm_type, scale):
+    grads = _grads(scale)
+    params = [nn.Parameter(np.zeros(g.shape)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.copy()
+    flat = np.concatenate([g.ravel() for g in grads])
+    expected = np.abs(flat).max() if math.isinf(norm_type) else np.sum(np.abs(flat) ** norm_type) ** (1 / norm_type)
+    total = optim.clip_grad_norm_(params, max_norm=1.5, norm_type=norm_type)
+    assert isinstance(total, np.ndarray) and total.shape == ()
+    assert_close(total, expected, rtol=1e-12, what="total norm")
+    factor = min(1.0, 1.5 / (expected + 1e-6))
+    for index, (p, g) in enumerate(zip(params, grads)):
+        assert_close(p.grad, g * factor, rtol=1e-12, what=f"clipped gradient {index}")
+
+
+def test_float32_gradients_stay_float32_and_a_norm_of_inf_is_reported():
+    p = nn.Parameter(np.zeros(3, np.float32))
+    p.grad = np.array([30.0, 40.0, 0.0], np.float32)
+    total = optim.clip_grad_norm_(p, max_norm=5.0, norm_type="2")  # a single tensor, the order as a string
+    assert float(total) == 50.0 and p.grad.dtype == np.float32
+    np.testing.assert_allclose(p.grad, [3.0, 4.0, 0.0], rtol=1e-6)
+    p.grad = np.array([np.inf, 1.0, 0.0], np.float32)
+    with np.errstate(invalid="ignore"):  # inf * 0: the gradients become nan, as in PyTorch
+        assert math.isinf(float(optim.clip_grad_norm_([p], 1.0)))  # reported, not raised, by default
+    p.grad = np.array([np.inf, 1.0, 0.0], np.float32)
+    with pytest.raises(RuntimeError, match=r"^the total norm of order 2.0 of the gradients is inf: cannot clip "
+                                           r"\(pass error_if_nonfinite=False to clip anyway\)$"):
+        optim.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
 
 
 @requires_torch

@@ -1,6 +1,10 @@
-"""SGD, Adam and AdamW against PyTorch's trajectories; param groups; state_dict."""
+"""SGD, Adam and AdamW: trajectories against the published update rules written out
+step by step in float64 (no PyTorch needed), against hand-computed first steps, and
+against PyTorch's own optimizers; param groups; state_dict."""
 
 import copy
+import math
+import re
 
 import numpy as np
 import pytest
@@ -63,6 +67,51 @@ def _assert_same_trajectory(ours, theirs, rtol=1e-8):
             assert_close(x, y, rtol=rtol, what=f"parameter {index} after step {step + 1}")
 
 
+# ---- the update rules as published (PyTorch's documentation), one parameter at a time
+
+def _sgd_rule(lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    def update(p, g, state, t):
+        if weight_decay != 0:
+            g = g + weight_decay * p
+        if momentum != 0:
+            state["b"] = g if t == 1 else momentum * state["b"] + (1 - dampening) * g
+            g = g + momentum * state["b"] if nesterov else state["b"]
+        return p - lr * g
+    return update
+
+
+def _adam_rule(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, decoupled=False):
+    beta1, beta2 = betas
+
+    def update(p, g, state, t):
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        elif weight_decay != 0:
+            g = g + weight_decay * p
+        state["m"] = beta1 * state.get("m", 0.0) + (1 - beta1) * g
+        state["v"] = beta2 * state.get("v", 0.0) + (1 - beta2) * g * g
+        second = state["v"]
+        if amsgrad:
+            second = state["vmax"] = np.maximum(state.get("vmax", 0.0), state["v"])
+        m_hat = state["m"] / (1 - beta1 ** t)
+        v_hat = second / (1 - beta2 ** t)
+        return p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return update
+
+
+RULES = {"SGD": _sgd_rule, "Adam": _adam_rule,
+         "AdamW": lambda weight_decay=1e-2, **kwargs: _adam_rule(weight_decay=weight_decay, decoupled=True, **kwargs)}
+
+
+def _run_rule(update, start, coefficients, steps):
+    params, states, trajectory = [p.copy() for p in start], [{} for _ in start], []
+    for t, step in enumerate(steps, 1):
+        for i, (a, b) in enumerate(coefficients[step]):
+            params[i] = update(params[i], a * params[i] + b, states[i], t)
+        trajectory.append([p.copy() for p in params])
+    return trajectory
+
+
 CONFIGS = [
     ("SGD", dict(lr=0.1)),
     ("SGD", dict(lr=0.1, momentum=0.9)),
@@ -76,6 +125,98 @@ CONFIGS = [
     ("AdamW", dict(lr=0.01)),
     ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
 ]
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[f"{n}-{sorted(k.items())}" for n, k in CONFIGS])
+def test_trajectory_follows_the_published_rule(name, kwargs):
+    start, coefficients = _problem()
+    ours = _ours(start)
+    _assert_same_trajectory(_run_ours(getattr(optim, name)(ours, **kwargs), ours, coefficients, range(STEPS)),
+                            _run_rule(RULES[name](**kwargs), start, coefficients, range(STEPS)), rtol=1e-12)
+
+
+def _steps(opt, p, count):
+    """p (a scalar Parameter) after each of `count` steps on the loss p**2 (gradient 2p)."""
+    values = []
+    for _ in range(count):
+        p.grad = 2 * p.data
+        opt.step()
+        values.append(float(p.data[0]))
+    return values
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(lr=0.1), [0.8, 0.64, 0.512]),
+    (dict(lr=0.1, momentum=0.9), [0.8, 0.46, 0.062]),  # b = 2, 3.4, 3.98
+    (dict(lr=0.1, momentum=0.9, dampening=0.5), [0.8, 0.54, 0.252]),  # b = 2, 2.6, 2.88
+    (dict(lr=0.1, momentum=0.9, nesterov=True), [0.62, 0.2224]),  # b = 2, 3.04; steps 3.8, 3.976
+    (dict(lr=0.1, weight_decay=0.1), [0.79, 0.6241, 0.493039]),  # gradient 2.1 p
+])
+def test_sgd_first_steps_by_hand(kwargs, expected):
+    p = nn.Parameter(np.array([1.0]))
+    np.testing.assert_allclose(_steps(optim.SGD([p], **kwargs), p, len(expected)), expected, rtol=1e-12)
+
+
+def test_adam_and_adamw_first_steps_by_hand():
+    # Step 1: both moments are bias-corrected to exactly g and g^2, so the step is
+    # lr * g / (|g| + eps) whatever the betas: a bias correction off by one step
+    # (t - 1 or t + 1) gives another value (or a division by zero).
+    p = nn.Parameter(np.array([1.0]))
+    first, second = _steps(optim.Adam([p], lr=0.1), p, 2)
+    assert first == pytest.approx(1 - 0.1 * 2 / (2 + 1e-8), rel=1e-14)
+    # Step 2, by hand: g = 2 * first; m = 0.9 * 0.2 + 0.1 g; v = 0.999 * 0.004 + 0.001 g^2.
+    g = 2 * first
+    m_hat, v_hat = (0.18 + 0.1 * g) / (1 - 0.9 ** 2), (0.003996 + 0.001 * g * g) / (1 - 0.999 ** 2)
+    assert second == pytest.approx(first - 0.1 * m_hat / (math.sqrt(v_hat) + 1e-8), rel=1e-13)
+    # AdamW decays the parameter first, by lr * weight_decay, and leaves the gradient alone.
+    q = nn.Parameter(np.array([1.0]))
+    (decayed,) = _steps(optim.AdamW([q], lr=0.1, weight_decay=0.5), q, 1)
+    assert decayed == pytest.approx(1 * (1 - 0.1 * 0.5) - 0.1 * 2 / (2 + 1e-8), rel=1e-14)
+    # Adam adds weight_decay * p to the gradient instead: with g = 2 + 0.5 the first step is still lr.
+    r = nn.Parameter(np.array([1.0]))
+    (coupled,) = _steps(optim.Adam([r], lr=0.1, weight_decay=0.5), r, 1)
+    assert coupled == pytest.approx(1 - 0.1 * 2.5 / (2.5 + 1e-8), rel=1e-14)
+
+
+def test_amsgrad_keeps_the_largest_second_moment():
+    # Gradients 4 then 0.1: v falls on step 2, AMSGrad divides by the larger old one.
+    p = nn.Parameter(np.array([0.0]))
+    opt = optim.Adam([p], lr=1.0, betas=(0.0, 0.5), amsgrad=True)
+    for g in (4.0, 0.1):
+        p.grad = np.array([g])
+        opt.step()
+    v_max = max(0.5 * 16, 0.5 * 0.5 * 16 + 0.5 * 0.01)  # 8.0, the first step's
+    expected = -4 / (math.sqrt(16) + 1e-8) - 0.1 / (math.sqrt(v_max / (1 - 0.25)) + 1e-8)
+    assert float(p.data[0]) == pytest.approx(expected, rel=1e-14)
+    assert opt.state[0]["max_exp_avg_sq"][0] == 8.0
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_param_groups_follow_their_own_hyperparameters(name):
+    start, coefficients = _problem(1)
+    extra = {"momentum": 0.9} if name == "SGD" else {"betas": (0.5, 0.9)}
+    own = {"lr": 0.003, "weight_decay": 0.02, **extra}
+    params = _ours(start)
+    opt = getattr(optim, name)([{"params": params[:2]}, {"params": params[2:], **own}], lr=0.05)
+    ours = _run_ours(opt, params, coefficients, range(STEPS))
+    default = _run_rule(RULES[name](lr=0.05), start[:2], [c[:2] for c in coefficients], range(STEPS))
+    grouped = _run_rule(RULES[name](**own), start[2:], [c[2:] for c in coefficients], range(STEPS))
+    _assert_same_trajectory(ours, [a + b for a, b in zip(default, grouped)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_a_parameter_without_gradient_is_skipped_and_gets_no_state(name):
+    start, coefficients = _problem(5)
+    params = _ours(start)
+    kwargs = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+    opt = getattr(optim, name)(params, **kwargs)
+    trajectory = _run_ours(opt, params, coefficients, range(3), skip=1)  # the middle one of one group
+    expected = _run_rule(RULES[name](**kwargs), start, coefficients, range(3))
+    for step, (got, want) in enumerate(zip(trajectory, expected)):
+        assert_close(got[0], want[0], rtol=1e-12, what=f"parameter 0, step {step + 1}")
+        np.testing.assert_array_equal(got[1], start[1])
+        assert_close(got[2], want[2], rtol=1e-12, what=f"parameter 2, step {step + 1}")
+    assert sorted(opt.state) == [0, 2]
 
 
 @requires_torch
@@ -258,3 +399,161 @@ def test_float32_parameters_stay_float32(device):
         assert all(p.dtype == np.float32 and p.device == device for p in model.parameters())
         assert all(v.dtype == np.float32 for s in opt.state.values() for v in s.values()
                    if hasattr(v, "dtype"))
+
+
+def _exactly(message):
+    return "^" + re.escape(message) + "$"
+
+
+def test_defaults_are_pytorchs():
+    params = _ours(_problem()[0])
+    assert optim.SGD(params).defaults == dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                              nesterov=False)
+    adam = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+    assert optim.Adam(params).defaults == adam
+    assert optim.AdamW(params).defaults == {**adam, "weight_decay": 1e-2}
+
+
+def test_boundary_values_are_accepted():
+    params = _ours(_problem()[0])
+    optim.SGD(params, lr=0.0, momentum=0.0, weight_decay=0.0)
+    optim.Adam(params, lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0)
+    optim.AdamW(params, lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: optim.SGD(p, lr=-0.5), "invalid learning rate: -0.5"),
+    (lambda p: optim.SGD(p, lr=0.1, momentum=-0.1), "invalid momentum: -0.1"),
+    (lambda p: optim.SGD(p, lr=0.1, weight_decay=-1), "invalid weight_decay: -1"),
+    (lambda p: optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+     "Nesterov momentum requires a momentum and zero dampening"),
+    (lambda p: optim.Adam(p, lr=-0.5), "invalid learning rate: -0.5"),
+    (lambda p: optim.Adam(p, eps=-1e-9), "invalid epsilon: -1e-09"),
+    (lambda p: optim.Adam(p, betas=(-0.1, 0.9)), "invalid betas: (-0.1, 0.9) (each must be in [0, 1))"),
+    (lambda p: optim.Adam(p, betas=(0.9, 1.0)), "invalid betas: (0.9, 1.0) (each must be in [0, 1))"),
+    (lambda p: optim.Adam(p, betas=(0.9, -0.5)), "invalid betas: (0.9, -0.5) (each must be in [0, 1))"),
+    (lambda p: optim.AdamW(p, weight_decay=-0.1), "invalid weight_decay: -0.1"),
+])
+def test_invalid_hyperparameters_are_named(make, message):
+    with pytest.raises(ValueError, match=_exactly(message)):
+        make(_ours(_problem()[0]))
+
+
+def test_invalid_parameter_lists_say_what_and_where():
+    params = _ours(_problem()[0])
+    with pytest.raises(ValueError, match=_exactly("optimizer got an empty parameter list")):
+        optim.Adam([])
+    with pytest.raises(TypeError, match=_exactly(
+            "optimizer params must be an ordered collection (a list, or model.parameters()), not a set: "
+            "its order differs between processes")):
+        optim.SGD(set(params), lr=0.1)
+    with pytest.raises(TypeError, match=r"^optimizer a param group's 'params' must be an ordered collection"):
+        optim.SGD([{"params": {params[0]}}], lr=0.1)
+    with pytest.raises(TypeError, match=_exactly("a param group must be a dict, got list")):
+        optim.SGD(params[:1], lr=0.1).add_param_group(params[1:])
+    with pytest.raises(TypeError, match=_exactly(
+            "optimizer can only optimize Tensors, got ndarray at position 1 of group 0")):
+        optim.SGD([params[0], np.zeros(3)], lr=0.1)
+    with pytest.raises(ValueError, match=_exactly(
+            "optimizer can only optimize leaf Tensors (position 0 of group 1 is computed from others)")):
+        optim.SGD([{"params": params[:1]}, {"params": [params[1] * 2]}], lr=0.1)
+    with pytest.raises(ValueError, match=_exactly(
+            "some parameters appear more than once in the optimizer's parameter groups")):
+        optim.SGD([params[0], params[1], params[0]], lr=0.1)
+
+
+def test_a_single_tensor_is_a_parameter_list_of_one():
+    p = nn.Parameter(np.array([1.0, -2.0]))
+    opt = optim.SGD(p, lr=0.5)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]
+    opt.add_param_group({"params": nn.Parameter(np.zeros(1)), "lr": 0.1})
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    p.grad = np.array([1.0, 1.0])
+    opt.step()
+    np.testing.assert_array_equal(p.data, [0.5, -2.5])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_state_indices_run_on_across_groups(name):
+    """State is keyed by the position in the flat order, group after group."""
+    params = _ours(_problem()[0]) + [nn.Parameter(np.ones(5))]
+    kwargs = {"momentum": 0.9} if name == "SGD" else {}
+    opt = getattr(optim, name)([{"params": params[:2]}, {"params": params[2:3]}, {"params": params[3:]}],
+                               lr=0.1, **kwargs)
+    for p in params:
+        p.grad = np.ones(p.shape)
+    opt.step()
+    assert sorted(opt.state) == [0, 1, 2, 3]
+    for index, p in enumerate(params):
+        arrays = [v for v in opt.state[index].values() if isinstance(v, np.ndarray)]
+        assert arrays and all(a.shape == p.shape for a in arrays), index
+    assert [g["params"] for g in opt.state_dict()["param_groups"]] == [[0, 1], [2], [3]]
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_step_with_closure_returns_its_loss(name):
+    x = nn.Parameter(np.array([3.0]))
+    opt = getattr(optim, name)([x], lr=0.25)
+
+    def closure():
+        opt.zero_grad()
+        loss = (x * x).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert float(loss.data) == 9.0 and x.grad[0] == 6.0 and x.data[0] < 3.0
+    assert opt.step() is None
+
+
+def test_load_state_dict_takes_tensors_lists_and_other_dtypes_as_copies():
+    p = nn.Parameter(np.zeros(3, np.float32))
+    opt = optim.Adam([p], lr=0.1, amsgrad=True)
+    exp_avg = np.array([1.0, 2.0, 3.0])  # float64, as another program may have saved it
+    saved = {"state": {"0": {"step": np.array(4), "exp_avg": exp_avg, "exp_avg_sq": dp.tensor(np.full(3, 4.0)),
+                             "max_exp_avg_sq": [4.0, 4.0, 4.0], "counts": np.array([1, 2, 3]), "note": None,
+                             "scale": 0.5}},
+             "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                               "amsgrad": True, "params": ["0"]}]}
+    opt.load_state_dict(saved)
+    state = opt.state[0]
+    assert state["step"] == 4 and type(state["step"]) is int
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert isinstance(state[name], np.ndarray) and state[name].dtype == np.float32, name
+    np.testing.assert_array_equal(state["exp_avg"], [1, 2, 3])
+    np.testing.assert_array_equal(state["max_exp_avg_sq"], [4, 4, 4])
+    assert state["counts"].dtype == np.array([1]).dtype  # integers keep their type
+    assert state["note"] is None and state["scale"] == 0.5
+    assert opt.param_groups[0]["lr"] == 0.01
+    exp_avg[0] = 100.0  # a copy: the saved arrays stay the caller's
+    assert state["exp_avg"][0] == 1.0
+    state["exp_avg_sq"][0] = 9.0
+    assert saved["state"]["0"]["exp_avg_sq"].data[0] == 4.0
+
+
+def test_load_state_dict_names_what_does_not_fit():
+    params = _ours(_problem()[0])
+    opt = optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = np.ones(p.shape)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=_exactly(
+            "loaded state dict has 1 parameter groups, this optimizer has 2")):
+        optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1).load_state_dict(saved)
+    with pytest.raises(ValueError, match=_exactly(
+            "parameter group 0 has 2 parameters, the loaded state dict has 3")):
+        optim.SGD(params[:2], lr=0.1).load_state_dict(saved)
+    with pytest.raises(ValueError, match=_exactly(
+            "optimizer state 'momentum_buffer' of parameter 0 has shape (4, 3), the parameter has shape (3,)")):
+        optim.SGD([params[1], params[0], params[2]], lr=0.1).load_state_dict(saved)
+    saved["state"][7] = saved["state"][0]
+    with pytest.raises(ValueError, match=_exactly(
+            "loaded state dict has state for parameter 7, which none of its parameter groups lists")):
+        optim.SGD(params, lr=0.1).load_state_dict(saved)
+
+
+def test_repr_lists_every_group():
+    opt = optim.SGD([{"params": _ours(_problem()[0])[:1]}], lr=0.5, momentum=0.9)
+    assert repr(opt) == ("SGD (\nParameter Group 0\n    lr: 0.5\n    momentum: 0.9\n    dampening: 0.0\n"
+                         "    weight_decay: 0.0\n    nesterov: False\n)")
