@@ -71,7 +71,7 @@ run_group() {
     echo "[mutmut]"
     echo "source_paths = distprop"
     echo "only_mutate ="; for m in "${mutate[@]}"; do echo "    $m"; done
-    echo "do_not_mutate ="; for m in "${skip[@]}"; do echo "    $m"; done
+    if [ ${#skip[@]} -gt 0 ]; then echo "do_not_mutate ="; printf '    %s\n' "${skip[@]}"; fi
     echo "pytest_add_cli_args_test_selection ="; for t in "${tests[@]}"; do [ -e "$t" ] && echo "    $t"; done
     echo "pytest_add_cli_args ="; printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=ci
   } > setup.cfg

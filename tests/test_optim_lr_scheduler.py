@@ -155,6 +155,12 @@ def test_state_dict_round_trip_continues_the_sequence(spec):
     np.testing.assert_array_equal(uninterrupted, np.concatenate([first, rest[1:]]))
 
 
+def test_sequential_of_one_scheduler_is_that_scheduler():
+    opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0)
+    lrs = _lrs(opt, lr_scheduler.SequentialLR(opt, [lr_scheduler.StepLR(opt, 2, gamma=0.5)], milestones=[]), 5)
+    np.testing.assert_array_equal(lrs[:, 0], [1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+
+
 def test_defaults_are_pytorchs():
     opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=0.9)
     step = lr_scheduler.StepLR(opt, step_size=1)

@@ -124,6 +124,8 @@ CONFIGS = [
     ("Adam", dict(lr=0.01, amsgrad=True)),
     ("AdamW", dict(lr=0.01)),
     ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.001, weight_decay=1.0)),  # 1 is not a special value
+    ("AdamW", dict(lr=0.001, weight_decay=1.0)),
 ]
 
 
