@@ -1,0 +1,108 @@
+"""Step time and scaling efficiency of data-parallel training at p ranks.
+
+    T_step(p) = T_data + T_fwd + kappa * T_bwd + T_exposed(p) + T_opt + T_jitter(p)
+
+Gradients are packed into buckets in the order backward finishes them (the first
+bucket smaller, so communication starts early). Bucket k is ready when backward is
+F_k done: r_k = T_data + T_fwd + kappa * T_bwd * F_k. One reduction runs at a time,
+in bucket order (a two-stage flow shop, as in WFBP / MG-WFBP / PyTorch DDP):
+
+    s_k = max(r_k, e_{k-1});   e_k = s_k + T_ar(b_k, p);
+    T_exposed = max(0, e_K - (T_data + T_fwd + kappa * T_bwd))
+
+That holds where communication runs beside the computation (a GPU with its own
+copy engines and NIC). Where the ranks' CPU cores do both -- a host whose ranks
+already fill its cores, as this machine's do -- nothing is hidden: T_exposed is
+the sum of the T_ar, and when a node holds more ranks than cores the busiest core
+runs ceil(ranks x threads / cores) ranks' steps back to back (synchronous steps
+leave no time for the scheduler to even them out).
+
+T_jitter = sigma * sqrt(2 ln p) is the expected maximum of p normal compute-time
+deviations: the slowest rank sets the pace. Efficiency is weak scaling: the
+per-rank batch is fixed and E(p) = T_step(1) / T_step(p), with T_step(1) free of
+communication; throughput = p * batch / T_step(p).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from distprop.scaling.allreduce import Fabric, allreduce_time, nodes
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Host:
+    """CPU ranks: the node's cores and each rank's threads (reductions run on them too)."""
+    cores: int
+    threads_per_rank: int = 1
+
+    def oversubscription(self, ranks_on_node: int) -> int:
+        return max(1, math.ceil(ranks_on_node * self.threads_per_rank / self.cores))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ranks: int
+    step_s: float
+    compute_s: float  # the step without communication, as this many ranks run it
+    allreduce_s: float  # sum of the buckets' allreduce times
+    exposed_s: float  # communication the step waits for
+    efficiency: float
+    throughput: float  # units (samples, tokens) per second over all ranks
+    buckets: int
+
+
+def make_buckets(gradients, cap_bytes: float, first_cap_bytes: float) -> list[tuple[float, float]]:
+    """(bytes, ready fraction) per bucket from (bytes, ready) per gradient in backward
+    order: consecutive gradients up to the cap; one larger than the cap alone."""
+    buckets, size, ready, cap = [], 0.0, 0.0, first_cap_bytes
+    for nbytes, when in gradients:
+        if size and size + nbytes > cap:
+            buckets.append((size, ready))
+            size, cap = 0.0, cap_bytes
+        size += nbytes
+        ready = when
+    if size:
+        buckets.append((size, ready))
+    return buckets
+
+
+def exposed_time(ready_times, reduction_times, backward_end: float) -> float:
+    """The flow shop: one reduction at a time, each starting when its bucket is ready
+    and the previous one is done; what is left after backward ends."""
+    end = 0.0
+    for ready, duration in zip(ready_times, reduction_times):
+        end = max(ready, end) + duration
+    return max(0.0, end - backward_end)
+
+
+def predict(workload, fabric: Fabric, algorithm: str, ranks: int, *, bucket_mb: float = 25.0,
+            first_bucket_mb: float = 1.0, buckets=None, kappa: float = 1.0, sigma: float = 0.0,
+            host: Host | None = None) -> Prediction:
+    """Step time at `ranks` ranks. buckets: (bytes, ready) per bucket instead of the
+    workload's measured ones or its gradients bucketed by bucket_mb. host: CPU ranks
+    (see the module docstring)."""
+    if buckets is None and workload.buckets is not None:
+        buckets = workload.buckets
+    if buckets is None:
+        buckets = make_buckets(workload.gradients, bucket_mb * MB, first_bucket_mb * MB)
+    backward = kappa * workload.backward_s
+    before_backward = workload.data_s + workload.forward_s
+    compute = before_backward + backward + workload.optimizer_s
+    reductions = [allreduce_time(algorithm, size, ranks, fabric) for size, _ in buckets] if ranks > 1 else []
+    if host is None:
+        ready = [before_backward + backward * when for _, when in buckets]
+        exposed = exposed_time(ready, reductions, before_backward + backward)
+        crowding = 1
+    else:
+        exposed = sum(reductions)
+        crowding = host.oversubscription(nodes(ranks, fabric)[0])
+    jitter = sigma * math.sqrt(2 * math.log(ranks)) if ranks > 1 else 0.0
+    step = crowding * (compute + exposed) + jitter
+    alone = workload.single_rank_s or workload.compute_s * (host.oversubscription(1) if host is not None else 1)
+    return Prediction(ranks=ranks, step_s=step, compute_s=crowding * compute, allreduce_s=sum(reductions),
+                      exposed_s=crowding * exposed + jitter, efficiency=alone / step,
+                      throughput=ranks * workload.batch / step, buckets=len(buckets))
