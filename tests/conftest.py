@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 
 import numpy as np
@@ -56,6 +57,18 @@ def rng():
     """A fresh generator with a fixed seed for each test: inputs never depend on
     which tests ran before."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _same_global_generators():
+    """distprop's default generator (initialisers, dropout) and PyTorch's start every
+    test from the same state: weights never depend on which tests ran before."""
+    from distprop import random
+
+    random.manual_seed(0)
+    torch = sys.modules.get("torch")  # only where a test module imported it
+    if torch is not None:
+        torch.manual_seed(0)
 
 
 def pytest_runtest_setup(item):

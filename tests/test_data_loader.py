@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from data_helpers import batch_ids, rank_loaders, write_ids
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distprop.data import ArrowLoader
@@ -36,8 +36,7 @@ def flat(batches):
 @given(n=st.integers(1, 70), world_size=st.integers(1, 4), batch_size=st.integers(1, 7),
        drop_last=st.booleans(), row_group_size=st.integers(1, 16))
 def test_shards_are_exact_and_disjoint(tmp_path_factory, n, world_size, batch_size, drop_last, row_group_size):
-    if drop_last and n < world_size * batch_size:
-        return  # refused with a DataError, tested separately
+    assume(not (drop_last and n < world_size * batch_size))  # refused with a DataError, tested separately
     path = tmp_path_factory.mktemp("ds")
     x = write_ids(path, n, row_group_size=row_group_size, rows_per_file=25)
     per_rank = []
@@ -152,13 +151,24 @@ def test_every_rank_resumes_its_own_shard_from_rank_0s_state(dataset):
         assert batch_ids(loader) == full[rank][2:]
 
 
-def test_state_counts_batches_handed_out_not_prefetched(dataset):
+def test_reading_runs_ahead_by_prefetch_and_the_state_counts_only_batches_handed_out(dataset):
     path, _ = dataset
-    loader = ArrowLoader(path, 5, prefetch=4)
+    built, ahead = [], threading.Event()
+
+    def record(batch):  # runs where batches are built: in the background
+        built.append(batch["id"].tolist())
+        if len(built) >= 1 + 4:
+            ahead.set()
+        return batch
+
+    loader = ArrowLoader(path, 5, prefetch=4, transform=record)
     stream = iter(loader)
-    next(stream)
-    time.sleep(0.2)  # let the background thread run ahead
+    first = next(stream)
+    assert ahead.wait(timeout=60), f"the loader built {len(built)} batches, not the one taken plus 4 ahead"
+    assert len(built) <= 1 + 4 + 1, "read ahead further than prefetch allows (one more may wait to be queued)"
     assert loader.state_dict()["batches_consumed"] == 1
+    assert first["id"].tolist() == built[0] and next(stream)["id"].tolist() == built[1]
+    stream.close()
 
 
 @pytest.mark.parametrize("new_world,new_batch", [(2, 7), (3, 5), (1, 4), (4, 3)])

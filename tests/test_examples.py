@@ -12,6 +12,7 @@ pytest.importorskip("sklearn", reason=INSTALL_SKLEARN)
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_digits.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
 def test_train_digits_on_two_ranks_reaches_97_percent(tmp_path):
     result, seconds = run_job(2, [str(EXAMPLE), "--data", str(tmp_path / "digits")], timeout=300)

@@ -18,6 +18,34 @@ def _qkv(seed=0, batch=(2, 3), length=4, source=6, e=5, ev=7):
             rng.standard_normal(batch + (source, ev)))
 
 
+def _reference(q, k, v, mask=None, scale=None, causal=False):
+    """softmax(q k^T * scale + mask) v in float64 from its definition; a query that may
+    attend to nothing gets zeros (distprop's rule; PyTorch gives NaN there)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scores = q @ np.swapaxes(k, -1, -2) * (scale if scale is not None else 1 / np.sqrt(q.shape[-1]))
+    allowed = np.ones(scores.shape[-2:], bool) if mask is None else np.broadcast_to(mask, scores.shape)
+    if causal:
+        allowed = allowed & np.tril(np.ones(scores.shape[-2:], bool))
+    scores = np.where(allowed, scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isfinite(top), top, 0))
+    total = weights.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, weights / np.where(total > 0, total, 1), 0) @ v
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scale": 0.3}, {"is_causal": True}])
+@pytest.mark.parametrize("length, source", [(4, 6), (5, 5), (6, 3)])
+def test_attention_is_softmax_of_scaled_scores_times_values(device, kwargs, length, source):
+    q, k, v = _qkv(length=length, source=source)
+    y = F.scaled_dot_product_attention(*(dp.tensor(to_device(a, device)) for a in (q, k, v)), **kwargs)
+    expected = _reference(q, k, v, scale=kwargs.get("scale"), causal=kwargs.get("is_causal", False))
+    np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-12, atol=1e-14)
+    mask = _bool_mask(shape=(length, source))
+    y = F.scaled_dot_product_attention(*(dp.tensor(to_device(a, device)) for a in (q, k, v)),
+                                       attn_mask=to_device(mask, device))
+    np.testing.assert_allclose(to_numpy(y.data), _reference(q, k, v, mask), rtol=1e-12, atol=1e-14)
+
+
 def _bool_mask(seed=1, shape=(4, 6)):
     mask = np.random.default_rng(seed).random(shape) > 0.4
     mask[..., 0] = True  # every query sees at least one key here
@@ -83,14 +111,24 @@ def test_fully_masked_rows_give_zeros(device):
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=to_device(mask, device))
     y.sum().backward()
     out = to_numpy(y.data)
-    assert np.all(out[..., 2, :] == 0) and np.all(np.isfinite(out))
+    assert np.all(out[..., 2, :] == 0)
+    np.testing.assert_allclose(out, _reference(*_qkv(seed=6), mask), rtol=1e-12, atol=1e-14)
     assert np.all(to_numpy(q.grad)[..., 2, :] == 0) and np.all(np.isfinite(to_numpy(k.grad)))
+    # the other rows' gradients are those of the same attention without the empty row
+    rows = [0, 1, 3]
+    q2, k2, v2 = (dp.tensor(to_device(a, device), requires_grad=True) for a in _qkv(seed=6))
+    F.scaled_dot_product_attention(q2[..., rows, :], k2, v2, attn_mask=to_device(mask[rows], device)).sum().backward()
+    for ours, theirs in ((q, q2), (k, k2), (v, v2)):
+        np.testing.assert_allclose(to_numpy(ours.grad), to_numpy(theirs.grad), rtol=1e-12, atol=1e-14)
 
 
 def test_attention_is_stable_for_huge_scores(device):
+    # Scores of about 1e6: exp overflows float32 unless the row's maximum is taken out first.
     q, k, v = (a.astype(np.float32) for a in _qkv(seed=7))
     y = F.scaled_dot_product_attention(*(dp.tensor(to_device(a, device)) for a in (q * 1e3, k * 1e3, v)))
-    assert np.all(np.isfinite(to_numpy(y.data)))
+    assert y.dtype == np.float32
+    expected = _reference(q.astype(np.float64) * 1e3, k.astype(np.float64) * 1e3, v)
+    np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_dropout_is_seeded(device):

@@ -3,7 +3,7 @@ several chunks per batch, channels-last inputs, float32."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import distprop as dp
 import distprop.functional as F
@@ -60,8 +60,7 @@ def _channels_last(t):
 @FAST
 @given(case=conv_cases(), channels_last=st.booleans())
 def test_conv2d_matches_torch(device, case, channels_last):
-    if not _fits(case):
-        return
+    assume(_fits(case))
     layout = _channels_last if channels_last else (lambda t: t)
     compare_with_torch(lambda x, *t: F.conv2d(layout(x), *t, **_kwargs(case)),
                        lambda *t: torch.nn.functional.conv2d(*t, **_kwargs(case)), *_arrays(case), device=device)
@@ -75,8 +74,7 @@ def test_channels_last_helper_gives_channels_last_memory(device):
 @FAST
 @given(case=conv_cases(), channels_last=st.booleans())
 def test_conv2d_gradients(device, case, channels_last):
-    if not _fits(case):
-        return
+    assume(_fits(case))
     layout = _channels_last if channels_last else (lambda t: t)
     check_grad(lambda x, *t: F.conv2d(layout(x), *t, **_kwargs(case)), *_arrays(case), device=device)
 

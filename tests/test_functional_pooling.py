@@ -136,9 +136,36 @@ def test_pooling_rejects_bad_arguments(call, message):
         call(dp.tensor(np.ones((1, 4, 4, 4))))
 
 
-@pytest.mark.parametrize("shape, kwargs", [((2, 0, 4, 4), {}), ((2, 3, 0, 4), dict(padding=1))])
-def test_max_pool2d_of_empty_maps(shape, kwargs):
+@pytest.mark.parametrize("shape, kwargs, out_shape", [((2, 0, 4, 4), {}, (2, 0, 2, 2)),
+                                                      ((2, 3, 0, 4), dict(padding=1), (2, 3, 1, 3))])
+def test_max_pool2d_of_empty_maps(shape, kwargs, out_shape):
     x = dp.tensor(np.zeros(shape), requires_grad=True)
     y = F.max_pool2d(x, 2, **kwargs)
+    assert y.shape == out_shape and np.all(y.data == -np.inf)  # windows of padding only
     y.sum().backward()
-    assert x.grad.shape == shape
+    assert x.grad.shape == shape and x.grad.dtype == np.float64
+
+
+def test_max_pool2d_gradient_goes_to_each_window_s_maximum_only(device):
+    x = np.array([[1.0, 5.0, 2.0, 0.0],
+                  [3.0, 2.0, 7.0, 1.0],
+                  [0.0, 4.0, 1.0, 6.0],
+                  [9.0, 8.0, 2.0, 3.0]])[None, None]
+    t = dp.tensor(to_device(x, device), requires_grad=True)
+    y = F.max_pool2d(t, 2)
+    np.testing.assert_array_equal(to_numpy(y.data)[0, 0], [[5, 7], [9, 6]])
+    y.backward(to_device(np.array([[[[10.0, 20.0], [30.0, 40.0]]]]), device))
+    np.testing.assert_array_equal(to_numpy(t.grad)[0, 0], [[0, 10, 0, 0],
+                                                             [0, 0, 20, 0],
+                                                             [0, 0, 0, 40],
+                                                             [30, 0, 0, 0]])
+    # overlapping windows (stride 1): a maximum shared by several windows collects all their gradients
+    t = dp.tensor(to_device(x, device), requires_grad=True)
+    F.max_pool2d(t, 2, stride=1).sum().backward()
+    counts = np.zeros((4, 4))
+    for i in range(3):
+        for j in range(3):
+            window = x[0, 0, i:i + 2, j:j + 2]
+            a, b = np.unravel_index(np.argmax(window), (2, 2))
+            counts[i + a, j + b] += 1
+    np.testing.assert_array_equal(to_numpy(t.grad)[0, 0], counts)

@@ -11,24 +11,22 @@ from distprop.backend import to_device, to_numpy
 from helpers import requires_torch, torch
 from module_parity import compare_module
 
-rng = np.random.default_rng(0)
-
 MODELS = {
-    "mlp": (lambda: nn.MLP(64, [16, 12], 10, activation=nn.Tanh), lambda: rng.standard_normal((4, 8, 8))),
-    "mlp-dropout": (lambda: nn.MLP(10, [8], 3, dropout=0.5), lambda: rng.standard_normal((4, 10))),
-    "lenet-28x28": (lambda: nn.LeNet(10), lambda: rng.standard_normal((2, 1, 28, 28))),
+    "mlp": (lambda: nn.MLP(64, [16, 12], 10, activation=nn.Tanh), lambda rng: rng.standard_normal((4, 8, 8))),
+    "mlp-dropout": (lambda: nn.MLP(10, [8], 3, dropout=0.5), lambda rng: rng.standard_normal((4, 10))),
+    "lenet-28x28": (lambda: nn.LeNet(10), lambda rng: rng.standard_normal((2, 1, 28, 28))),
     "lenet-8x8": (lambda: nn.LeNet(10, input_size=8, channels=(4, 6), hidden_sizes=(12,)),
-                  lambda: rng.standard_normal((3, 1, 8, 8))),
+                  lambda rng: rng.standard_normal((3, 1, 8, 8))),
     "lenet-rgb-rectangular": (lambda: nn.LeNet(5, in_channels=3, input_size=(16, 12)),
-                              lambda: rng.standard_normal((2, 3, 16, 12))),
+                              lambda rng: rng.standard_normal((2, 3, 16, 12))),
     "resnet": (lambda: nn.resnet_small(4, in_channels=3, widths=(4, 8), blocks_per_stage=(1, 2)),
-               lambda: rng.standard_normal((3, 3, 8, 8))),
+               lambda rng: rng.standard_normal((3, 3, 8, 8))),
     "transformer-tokens": (lambda: nn.TransformerClassifier(3, d_model=8, nhead=2, num_layers=2, dim_feedforward=16,
                                                             max_len=6, dropout=0.0, vocab_size=11, padding_idx=0),
-                           lambda: np.array([[4, 2, 7, 0, 0], [1, 3, 9, 10, 5], [6, 6, 0, 0, 0]])),
+                           lambda rng: np.array([[4, 2, 7, 0, 0], [1, 3, 9, 10, 5], [6, 6, 0, 0, 0]])),
     "transformer-features": (lambda: nn.TransformerClassifier(4, d_model=8, nhead=2, num_layers=1, dim_feedforward=16,
                                                               max_len=8, dropout=0.0, input_dim=8),
-                             lambda: rng.standard_normal((3, 8, 8))),
+                             lambda rng: rng.standard_normal((3, 8, 8))),
 }
 
 
@@ -37,11 +35,11 @@ def _loss(model, x, targets):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_forward_backward_shapes_and_finite_gradients(name, device):
+def test_forward_backward_shapes_and_finite_gradients(name, device, rng):
     dp.random.manual_seed(0)
     build, inputs = MODELS[name]
     model = build().to(device=device)
-    x = inputs()
+    x = inputs(rng)
     x = dp.tensor(to_device(x.astype(np.float32) if x.dtype.kind == "f" else x, device))
     logits = model(x)
     classes = logits.shape[1]
@@ -56,13 +54,13 @@ def test_forward_backward_shapes_and_finite_gradients(name, device):
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(MODELS) if "dropout" not in n])
-def test_parameter_gradients_match_central_differences(name):
+def test_parameter_gradients_match_central_differences(name, rng):
     """<grad, v> against (L(theta + eps v) - L(theta - eps v)) / 2 eps along a random
     direction v over all parameters at once (batch norm in training mode included)."""
     dp.random.manual_seed(1)
     build, inputs = MODELS[name]
     model = build().to(dtype=np.float64)
-    x = inputs()
+    x = inputs(rng)
     targets = np.arange(x.shape[0]) % 3
     x = dp.tensor(x)
     buffers = {k: v.copy() for k, v in model.state_dict().items()}
@@ -85,7 +83,7 @@ def test_parameter_gradients_match_central_differences(name):
 
 
 @requires_torch
-def test_mlp_matches_the_same_torch_sequential():
+def test_mlp_matches_the_same_torch_sequential(rng):
     ours = nn.MLP(64, [16, 12], 10, activation=nn.Tanh)
     theirs = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Tanh(),
                                  torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 10))
@@ -94,7 +92,7 @@ def test_mlp_matches_the_same_torch_sequential():
 
 @requires_torch
 @pytest.mark.parametrize("input_size", [28, 8])
-def test_lenet_matches_the_same_torch_network(input_size):
+def test_lenet_matches_the_same_torch_network(input_size, rng):
     class TorchLeNet(torch.nn.Module):
         def __init__(self, second_padding, features):
             super().__init__()

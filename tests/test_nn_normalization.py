@@ -8,11 +8,14 @@ from distprop import nn
 from helpers import assert_close, requires_torch, torch
 from module_parity import compare_module
 
-rng = np.random.default_rng(0)
+def data(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape) * 2 + 0.5
 
 
-def data(*shape):
-    return rng.standard_normal(shape) * 2 + 0.5
+def fill_uniform(tensor, low, high, seed):
+    """Non-trivial values for a torch parameter or buffer, drawn by numpy (torch's own
+    generator would make them depend on the tests that ran before)."""
+    tensor.copy_(torch.tensor(np.random.default_rng(seed).uniform(low, high, tuple(tensor.shape))))
 
 
 BATCH_NORMS = {
@@ -33,11 +36,11 @@ def test_batch_norm_matches_pytorch(kind, options, training, device):
     ours, theirs = build(nn, **options), build(torch.nn, **options)
     with torch.no_grad():  # non-trivial values everywhere
         if options.get("track_running_stats", True):
-            theirs.running_mean.uniform_(-1, 1)
-            theirs.running_var.uniform_(0.5, 2)
+            fill_uniform(theirs.running_mean, -1, 1, seed=1)
+            fill_uniform(theirs.running_var, 0.5, 2, seed=2)
         if options.get("affine", True):
-            theirs.weight.uniform_(0.5, 1.5)
-            theirs.bias.uniform_(-1, 1)
+            fill_uniform(theirs.weight, 0.5, 1.5, seed=3)
+            fill_uniform(theirs.bias, -1, 1, seed=4)
     compare_module(ours, theirs, data(*shape), training=training, device=device)
 
 
@@ -48,14 +51,14 @@ def test_running_statistics_over_several_batches(momentum):
     ours.to(dtype=np.float64)
     theirs.double()
     for step in range(4):
-        x = data(6, 3, 4, 4)
+        x = data(6, 3, 4, 4, seed=step)
         ours(dp.tensor(x))
         theirs(torch.tensor(x))
     for name, buffer in ours.named_buffers():
         assert_close(buffer, dict(theirs.named_buffers())[name].numpy(), what=name)
     assert int(ours.num_batches_tracked) == 4
     ours.eval()
-    x = data(2, 3, 4, 4)
+    x = data(2, 3, 4, 4, seed=10)
     assert_close(ours(dp.tensor(x)).data, theirs.eval()(torch.tensor(x)).detach().numpy(), what="eval output")
     ours.reset_running_stats()
     assert not ours.running_mean.any() and (ours.running_var == 1).all() and int(ours.num_batches_tracked) == 0
@@ -86,7 +89,7 @@ def test_layer_norm_matches_pytorch(name, device):
     ours, theirs = build(nn), build(torch.nn)
     if theirs.weight is not None:  # non-trivial affine parameters
         with torch.no_grad():
-            theirs.weight.uniform_(0.5, 1.5)
+            fill_uniform(theirs.weight, 0.5, 1.5, seed=3)
             if theirs.bias is not None:
-                theirs.bias.uniform_(-1, 1)
+                fill_uniform(theirs.bias, -1, 1, seed=4)
     compare_module(ours, theirs, data(*shape), device=device)

@@ -8,7 +8,6 @@ from distprop import nn
 from helpers import requires_torch, torch
 from module_parity import compare_module
 
-rng = np.random.default_rng(0)
 N, L, S, E, HEADS = 2, 5, 4, 8, 2
 
 
@@ -24,7 +23,7 @@ def padding_mask(batch, length):
 
 @requires_torch
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_self_attention(batch_first, device):
+def test_self_attention(batch_first, device, rng):
     x = rng.standard_normal((N, L, E) if batch_first else (L, N, E))
 
     def attend(module, x):
@@ -64,7 +63,7 @@ def _converted(masks, torch_side):
 
 @requires_torch
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # float + bool, on purpose
-def test_cross_attention_with_masks():
+def test_cross_attention_with_masks(rng):
     query, memory = rng.standard_normal((N, L, E)), rng.standard_normal((N, S, E))
     key_padding = padding_mask(N, S)
 
@@ -79,7 +78,7 @@ def test_cross_attention_with_masks():
 
 
 @requires_torch
-def test_boolean_and_causal_masks():
+def test_boolean_and_causal_masks(rng):
     x = rng.standard_normal((N, L, E))
 
     def attend(module, x, **masks):
@@ -105,7 +104,7 @@ def test_boolean_and_causal_masks():
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_encoder_layer_matches_pytorch(norm_first, activation, batch_first, device):
+def test_encoder_layer_matches_pytorch(norm_first, activation, batch_first, device, rng):
     kwargs = dict(dim_feedforward=16, dropout=0.0, activation=activation, batch_first=batch_first,
                   norm_first=norm_first)
     x = rng.standard_normal((N, L, E) if batch_first else (L, N, E))
@@ -114,7 +113,7 @@ def test_encoder_layer_matches_pytorch(norm_first, activation, batch_first, devi
 
 
 @requires_torch
-def test_encoder_layer_with_padding_mask():
+def test_encoder_layer_with_padding_mask(rng):
     kwargs = dict(dim_feedforward=16, dropout=0.0, batch_first=True)
     x = rng.standard_normal((N, L, E))
     ours, theirs = nn.TransformerEncoderLayer(E, HEADS, **kwargs), torch.nn.TransformerEncoderLayer(E, HEADS, **kwargs)
@@ -138,7 +137,7 @@ def test_encoder_layer_with_padding_mask():
     compare_module(OursWrapper(), TheirsWrapper(), x)
 
 
-def test_attention_dropout_only_in_training():
+def test_attention_dropout_only_in_training(rng):
     layer = nn.MultiheadAttention(E, HEADS, dropout=0.5, batch_first=True)
     x = dp.tensor(rng.standard_normal((N, L, E)).astype(np.float32))
     layer.eval()

@@ -4,7 +4,7 @@ import pytest
 
 from mpi_launch import NO_MPIEXEC, mpiexec, run_program
 
-pytestmark = pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)]
 
 
 def test_an_exception_on_one_rank_ends_the_job_within_15s():

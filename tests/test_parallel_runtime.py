@@ -20,6 +20,7 @@ def _reports(stdout):
     return [tuple(map(int, m)) for m in re.findall(pattern, stdout)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
 def test_each_rank_gets_its_share_of_the_cores():
     result, _ = run_program(2, "thread_share.py", timeout=60)
@@ -31,6 +32,7 @@ def test_each_rank_gets_its_share_of_the_cores():
         assert blas == expected, (rank, local_size, blas, allowed, cores)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(mpiexec() is None, reason=NO_MPIEXEC)
 def test_thread_counts_the_user_set_are_left_alone():
     # 2 threads each: more than the share init() would give 2 ranks on 2 cores, and

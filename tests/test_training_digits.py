@@ -93,6 +93,7 @@ def test_mlp_reaches_97_percent(digits):
     assert accuracy(model, x_test, y_test) >= 0.97
 
 
+@pytest.mark.slow
 def test_cnn_reaches_98_percent(digits):
     x_train, y_train, x_test, y_test = digits
     dp.manual_seed(0)
