@@ -21,51 +21,81 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from distprop.checkpoint.durable import write_text_durably
 
 PHASES = ("data_wait", "forward", "backward", "comm_wait", "optimizer")
 
 
+class Totals:
+    """Running sums over every step this process ran: steps, seconds, samples, loss,
+    then each phase's seconds. One `add` per step is all the loop pays; windows
+    are differences of these sums."""
+
+    def __init__(self):
+        self.values = [0.0] * (4 + len(PHASES))
+
+    def add(self, seconds: float, phases: list[float], loss: float, samples: int) -> None:
+        values = self.values
+        values[0] += 1
+        values[1] += seconds
+        values[2] += samples
+        values[3] += loss
+        for i, value in enumerate(phases, 4):
+            values[i] += value
+
+
 class Window:
-    """Sums over a stretch of steps: a log interval, the stretch since the last
+    """A stretch of steps since `reset`: a log interval, the stretch since the last
     evaluation, or the timed part of the run for summary.json.
 
     The loss sum can be carried over a resume (`carry`, `resume`), so that a
     window cut by a checkpoint reports the same mean as an uninterrupted run;
     times cannot be, and count only the steps this process ran."""
 
-    def __init__(self):
+    def __init__(self, totals: Totals):
+        self.totals = totals
         self.reset()
 
     def reset(self) -> None:
-        self.steps, self.seconds, self.samples = 0, 0.0, 0
-        self.loss, self.losses = 0.0, 0
-        self.phases = [0.0] * len(PHASES)
+        self.start = list(self.totals.values)
+        self.carried_loss, self.carried_losses = 0.0, 0
 
-    def add(self, seconds: float, phases: list[float], loss: float, samples: int) -> None:
-        self.steps += 1
-        self.seconds += seconds
-        self.samples += samples
-        self.loss += loss
-        self.losses += 1
-        for i, value in enumerate(phases):
-            self.phases[i] += value
+    @property
+    def steps(self) -> int:
+        return int(self.totals.values[0] - self.start[0])
+
+    @property
+    def losses(self) -> int:
+        return self.steps + self.carried_losses
 
     def carry(self) -> dict:
-        return {"loss": self.loss, "losses": self.losses}
+        return {"loss": self.totals.values[3] - self.start[3] + self.carried_loss, "losses": self.losses}
 
     def resume(self, carried: dict) -> None:
-        self.loss, self.losses = carried["loss"], carried["losses"]
+        self.carried_loss, self.carried_losses = carried["loss"], carried["losses"]
 
     def local_means(self) -> dict:
         """This rank's means per step (phase names with ``_s``), the mean loss and
         the comm-wait share of the step time."""
-        steps = max(self.steps, 1)
-        means = {f"{name}_s": value / steps for name, value in zip(PHASES, self.phases)}
-        means["step_s"] = self.seconds / steps
-        means["train_loss"] = self.loss / max(self.losses, 1)
-        means["comm_wait_fraction"] = self.phases[PHASES.index("comm_wait")] / self.seconds if self.seconds else 0.0
+        steps, seconds, _, loss, *phases = (now - then for now, then in zip(self.totals.values, self.start))
+        per_step = 1 / max(steps, 1)
+        means = {f"{name}_s": value * per_step for name, value in zip(PHASES, phases)}
+        means["step_s"] = seconds * per_step
+        means["train_loss"] = (loss + self.carried_loss) / max(self.losses, 1)
+        means["comm_wait_fraction"] = phases[PHASES.index("comm_wait")] / seconds if seconds else 0.0
         return means
+
+
+def mean_over_ranks(values: dict, comm) -> dict:
+    """Each value averaged over ranks, in one allreduce (every rank passes the same
+    keys in the same order: they come from the same code)."""
+    if comm.size == 1:
+        return dict(values)
+    array = np.array(list(values.values()), dtype=np.float64)
+    comm.allreduce_(array, "sum")
+    return {key: value / comm.size for key, value in zip(values, array.tolist())}
 
 
 class MetricsLog:

@@ -34,7 +34,8 @@ def reconcile(config, checkpoint):
     trajectory option (model, data, optimizer, schedule, batch, seed) that differs
     from the checkpoint's is an error, raised before anything is written."""
     saved = checkpoint.config
-    if not isinstance(saved, dict) or "model" not in saved:
+    extra = checkpoint.extra
+    if not isinstance(saved, dict) or "model" not in saved or not isinstance(extra, dict) or "trainer" not in extra:
         raise ConfigError(f"resume: {checkpoint.path} holds no distprop train config (written by another "
                           "script?); load it with distprop.load_checkpoint instead")
     updates = {}

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 
 import distprop.functional as F
 from distprop.checkpoint import save_checkpoint
-from distprop.parallel import average_metrics, clip_grad_norm_
+from distprop.parallel import clip_grad_norm_
 from distprop.train.data import batches_left_in_epoch
 from distprop.train.evaluation import evaluate
-from distprop.train.metrics import PHASES, Window
+from distprop.train.metrics import PHASES, Totals, Window, mean_over_ranks
 
 clock = time.perf_counter
 DATA, FORWARD, BACKWARD, COMM, OPTIMIZER = range(len(PHASES))
@@ -65,11 +65,13 @@ class Trainer:
         self.accumulation = config.accumulation_steps
         self.samples_per_step = state.per_rank_batch * self.accumulation * comm.size
         self.final_step = min(state.total_steps, config.stop_at or state.total_steps)
-        self.log_window, self.eval_window = Window(), Window()
+        self.totals = Totals()
+        self.log_window, self.eval_window = Window(self.totals), Window(self.totals)
         for name, window in (("log", self.log_window), ("eval", self.eval_window)):
             if state.windows:
                 window.resume(state.windows[name])
-        self.timed, self.untimed = Window(), Window()  # summary.json: after, and during, timing_warmup
+        self.whole_run = Window(self.totals)
+        self.timed = None  # summary.json's window: from the end of timing_warmup on
         self.run_steps = 0
         self.lr = optimizer.param_groups[0]["lr"]
         self.last_eval_step = self.last_checkpoint_step = None
@@ -80,7 +82,8 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict:
         state = self.state
-        self.loop_started, self.paused = clock(), 0.0
+        self.loop_started, self.loop_cpu_started = clock(), time.process_time()
+        self.paused = self.paused_cpu = 0.0
         while state.step < self.final_step:
             if state.epoch_done:
                 state.epoch, state.epoch_done = state.epoch + 1, False
@@ -150,9 +153,9 @@ class Trainer:
         state.step = number
         state.samples += self.samples_per_step
         self.run_steps += 1
-        for window in (self.log_window, self.eval_window,
-                       self.timed if self.run_steps > self.config.timing_warmup else self.untimed):
-            window.add(end - start, phases, loss_sum, self.samples_per_step)
+        self.totals.add(end - start, phases, loss_sum, self.samples_per_step)
+        if self.run_steps == self.config.timing_warmup:
+            self.timed = Window(self.totals)  # the steps from here on
 
     def _after_step(self) -> None:
         step, config = self.state.step, self.config
@@ -185,7 +188,7 @@ class Trainer:
     # ---- between steps -------------------------------------------------------------
     def _window_record(self, window: Window) -> dict:
         """The window's means averaged over ranks (one allreduce, every rank)."""
-        means = average_metrics(window.local_means(), self.comm)
+        means = mean_over_ranks(window.local_means(), self.comm)
         means["samples_per_s"] = self.samples_per_step / means["step_s"] if means["step_s"] else 0.0
         return means
 
@@ -210,7 +213,7 @@ class Trainer:
         self.progress.log(record, self.epochs)
 
     def _evaluate(self) -> None:
-        started = clock()
+        started, started_cpu = clock(), time.process_time()
         result = evaluate(self.model, self.test_loader, self.prepare, self.label, self.input_name, self.comm)
         training = self._window_record(self.eval_window) if self.eval_window.losses else {}
         self.eval_window.reset()
@@ -219,15 +222,16 @@ class Trainer:
         self.progress.message(f"epoch {self.state.epoch + 1}  step {self.state.step}  test loss "
                               f"{result['test_loss']:.4f}  test accuracy {result['test_accuracy']:.4f}")
         self.paused += clock() - started
+        self.paused_cpu += time.process_time() - started_cpu
 
     def _checkpoint(self) -> None:
-        started = clock()
+        started, started_cpu = clock(), time.process_time()
         state = self.state
         state.elapsed_s = self._elapsed()
         state.metrics_lines = self.metrics_log.lines if self.metrics_log is not None else 0
         # The open windows' loss sums, as every rank's average: averaging is linear,
         # so after a resume (at any world size) the windows' means come out the same.
-        sums = average_metrics({f"{name}_{key}": value for name, window in
+        sums = mean_over_ranks({f"{name}_{key}": value for name, window in
                                 (("log", self.log_window), ("eval", self.eval_window))
                                 for key, value in window.carry().items()}, self.comm)
         state.windows = {name: {"loss": sums[f"{name}_loss"], "losses": round(sums[f"{name}_losses"])}
@@ -240,6 +244,7 @@ class Trainer:
         self.last_checkpoint_step = state.step
         self.progress.message(f"checkpoint {self.checkpoint_path}")
         self.paused += clock() - started
+        self.paused_cpu += time.process_time() - started_cpu
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (clock() - self.started)
@@ -248,7 +253,9 @@ class Trainer:
         """Phase times per step over the steps after timing_warmup (all steps of this
         run if it had no more): mean over ranks, and the slowest rank's mean."""
         loop_s = clock() - self.loop_started - self.paused
-        window = self.timed if self.timed.steps else self.untimed
+        loop_cpu_s = time.process_time() - self.loop_cpu_started - self.paused_cpu
+        timed = self.timed is not None and self.timed.steps > 0
+        window = self.timed if timed else self.whole_run
         local = window.local_means()
         everyone = self.comm.allgather_object(local) if self.comm.size > 1 else [local]
         spread = {key: {"mean": sum(r[key] for r in everyone) / len(everyone), "max": max(r[key] for r in everyone)}
@@ -261,9 +268,11 @@ class Trainer:
             "global_batch": self.samples_per_step, "samples": self.state.samples,
             "test_loss": None if stopped else self.last_eval.get("test_loss"),
             "test_accuracy": None if stopped else self.last_eval.get("test_accuracy"),
-            "timed_steps": window.steps, "timing_warmup": self.config.timing_warmup if self.timed.steps else 0,
+            "timed_steps": window.steps, "timing_warmup": self.config.timing_warmup if timed else 0,
             "samples_per_s": self.samples_per_step / mean_step if mean_step else 0.0,
-            # all of the loop but evaluation and checkpoints: steps, bookkeeping, logging
+            # All of this run's loop but evaluation and checkpoints (steps, bookkeeping,
+            # logging): wall seconds, and CPU seconds of this process (all its threads).
+            "loop_s": loop_s, "loop_cpu_s": loop_cpu_s,
             "loop_samples_per_s": self.run_steps * self.samples_per_step / loop_s if loop_s > 0 else 0.0,
             "phases": spread, "elapsed_s": self._elapsed(), "checkpoint": self.checkpoint_path,
         }
