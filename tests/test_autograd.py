@@ -248,3 +248,326 @@ def test_a_pass_that_raises_calls_on_failure_instead_of_the_callback(device):
     with pytest.raises(FloatingPointError):
         Fails()(make(np.ones(2), device)).sum().backward()
     assert calls == ["failed"]
+
+
+# ---- the Tensor's own surface -------------------------------------------------------
+
+def test_array_conversion_rules():
+    assert dp.tensor(2.5).dtype == np.float32 and dp.tensor([[1.5], [2.0]]).dtype == np.float32
+    assert dp.tensor(np.float64(2.5)).dtype == np.float64  # numpy scalars keep their type
+    assert dp.tensor([1, 2], dtype=np.float64).dtype == np.float64
+    a = np.arange(3.0)
+    assert dp.tensor(a, dtype=np.float64).data is a  # no copy when nothing changes
+    assert dp.tensor(a, dtype=np.float32).dtype == np.float32
+    t = dp.tensor(a, requires_grad=True)
+    wrapped = dp.Tensor(t)
+    assert wrapped.data is a and not wrapped.requires_grad and wrapped.grad is None and wrapped.is_leaf
+    assert dp.tensor(a, requires_grad=1).requires_grad is True
+
+
+def test_tensor_facts_and_conversions():
+    t = dp.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    assert t.numel() == 6 and isinstance(t.numel(), int) and len(t) == 2 and t.device == "cpu"
+    assert dp.tensor(np.array([7.5])).item() == 7.5
+    assert t.numpy() is t.data
+    d = (t * 2).detach()
+    assert d.is_leaf and not d.requires_grad and np.array_equal(d.data, 2 * t.data)
+    u = dp.tensor(np.ones(2))
+    assert u.requires_grad_() is u and u.requires_grad and u.requires_grad_(False) is u and not u.requires_grad
+    assert repr(dp.tensor(np.array([1.0, 2.0]))) == "tensor(array([1., 2.]))"
+    assert repr(dp.tensor(np.array([1.0]), requires_grad=True)) == "tensor(array([1.]), requires_grad=True)"
+    assert bool(dp.tensor(np.array([2.0]))) and not bool(dp.tensor(np.array([0.0])))
+    assert t.to(dtype=np.float32).dtype == np.float32 and t.to() is t
+
+
+def test_operators_put_operands_in_order():
+    x = dp.tensor(np.array([2.0, 4.0]), requires_grad=True)
+    cases = {
+        "x + 1": (x + 1, [3, 5]), "1 + x": (1 + x, [3, 5]),
+        "x - 1": (x - 1, [1, 3]), "1 - x": (1 - x, [-1, -3]),
+        "x * 3": (x * 3, [6, 12]), "3 * x": (3 * x, [6, 12]),
+        "x / 2": (x / 2, [1, 2]), "8 / x": (8 / x, [4, 2]),
+        "x ** 2": (x ** 2, [4, 16]), "2 ** x": (2 ** x, [4, 16]),
+        "-x": (-x, [-2, -4]),
+        "x[1]": (x[1], 4), "x.exp().log()": (x.exp().log(), [2, 4]), "x.sqrt()": (x.sqrt(), np.sqrt([2, 4])),
+        "x.tanh()": (x.tanh(), np.tanh([2, 4])), "x.sigmoid()": (x.sigmoid(), 1 / (1 + np.exp([-2, -4]))),
+        "(x - 3).relu()": ((x - 3).relu(), [0, 1]),
+    }
+    for name, (got, expected) in cases.items():
+        np.testing.assert_allclose(got.data, expected, rtol=1e-15, err_msg=name)
+        assert got.requires_grad, name
+    m = dp.tensor(np.array([[1.0, 2.0], [3.0, 4.0]]))
+    v = np.array([1.0, -1.0])
+    np.testing.assert_array_equal((m @ v).data, [-1, -1])
+    np.testing.assert_array_equal((v @ m).data, [-2, -2])  # numpy defers to Tensor.__rmatmul__
+    assert isinstance(v @ m, dp.Tensor) and isinstance(v * m, dp.Tensor)
+    assert np.array_equal(x < 3, [True, False]) and np.array_equal(x <= 2, [True, False])
+    assert np.array_equal(x > dp.tensor(np.array([1.0, 5.0])), [True, False]) and np.array_equal(x >= 4, [False, True])
+    assert isinstance(x < 3, np.ndarray)
+
+
+def test_shape_methods_take_either_spelling():
+    t = dp.tensor(np.arange(24.0).reshape(2, 3, 4))
+    assert t.T.shape == (4, 3, 2) and t.transpose().shape == (4, 3, 2)
+    assert t.transpose(1, 0, 2).shape == (3, 2, 4) and t.transpose((2, 0, 1)).shape == (4, 2, 3)
+    assert t.transpose([2, 0, 1]).shape == (4, 2, 3)
+    assert t.reshape(6, 4).shape == (6, 4) and t.reshape((4, 6)).shape == (4, 6) and t.reshape([24]).shape == (24,)
+    assert t.flatten().shape == (24,) and t.flatten(1).shape == (2, 12) and t.flatten(0, 1).shape == (6, 4)
+    assert t.sum().item() == 276 and t.sum(axis=1).shape == (2, 4) and t.sum(axis=1, keepdims=True).shape == (2, 1, 4)
+    assert t.mean().item() == 11.5 and t.mean(axis=0, keepdims=True).shape == (1, 3, 4)
+    assert t.max().item() == 23 and t.max(axis=2).shape == (2, 3) and t.max(axis=2, keepdims=True).shape == (2, 3, 1)
+
+
+def test_as_tensor_gives_numbers_the_dtype_and_device_of_their_partner():
+    from distprop.autograd import as_tensor
+
+    f32 = dp.tensor(np.ones(2, np.float32))
+    i32 = dp.tensor(np.ones(2, np.int32))
+    assert as_tensor(f32) is f32
+    assert as_tensor(2, f32).dtype == np.float32 and as_tensor(2.5, f32).dtype == np.float32
+    assert as_tensor(True, f32).dtype == np.float32
+    assert as_tensor(3, i32).dtype == np.int32  # an int stays in the integer type
+    assert as_tensor(2.5, i32).dtype == np.float64 and as_tensor(2.5, i32).item() == 2.5  # a float does not
+    assert as_tensor(2.5).dtype == np.float32 and as_tensor([1, 2], f32).dtype.kind == "i"
+    assert (i32 * 2).dtype == np.int32 and (f32 * 2).dtype == np.float32
+
+
+def test_grad_mode_nests_and_decorates():
+    x = dp.tensor(np.ones(2), requires_grad=True)
+    with dp.no_grad():
+        assert not dp.is_grad_enabled() and not (x * 2).requires_grad
+        with dp.enable_grad():
+            assert dp.is_grad_enabled() and (x * 2).requires_grad
+        assert not dp.is_grad_enabled()
+    assert dp.is_grad_enabled()
+
+    @dp.no_grad()
+    def frozen(t, scale=1):
+        return t * scale, dp.is_grad_enabled()
+
+    y, enabled = frozen(x, scale=3)
+    assert not enabled and not y.requires_grad and np.array_equal(y.data, [3, 3]) and frozen.__name__ == "frozen"
+    assert dp.is_grad_enabled()
+    with pytest.raises(ZeroDivisionError):
+        with dp.no_grad():
+            1 / 0
+    assert dp.is_grad_enabled()  # restored after an exception too
+
+
+def test_grad_mode_is_per_thread():
+    import threading
+
+    seen = []
+    with dp.no_grad():
+        thread = threading.Thread(target=lambda: seen.append(dp.is_grad_enabled()))
+        thread.start()
+        thread.join()
+    assert seen == [True]
+
+
+def test_zero_grads_drops_or_zeroes_in_place():
+    from distprop.autograd import zero_grads
+
+    a, b, c = (dp.tensor(np.ones(2), requires_grad=True) for _ in range(3))
+    a.grad, b.grad = np.ones(2), np.full(2, 5.0)
+    kept = b.grad
+    zero_grads([a, c], set_to_none=True)
+    zero_grads([b], set_to_none=False)
+    assert a.grad is None and c.grad is None and b.grad is kept and not kept.any()
+
+
+def test_hook_registration_rules():
+    x = dp.tensor(np.ones(2), requires_grad=True)
+    with pytest.raises(RuntimeError, match="^post-accumulate-grad hooks can only be registered on leaf tensors$"):
+        (x * 2).register_post_accumulate_grad_hook(lambda t: None)
+    calls = []
+    first = x.register_post_accumulate_grad_hook(lambda t: calls.append(("first", t)))
+    x.register_post_accumulate_grad_hook(lambda t: calls.append(("second", t)))
+    (x * 3).sum().backward()
+    assert [name for name, _ in calls] == ["first", "second"] and all(t is x for _, t in calls)
+    first.remove()
+    first.remove()  # a second remove is harmless
+    (x * 3).sum().backward()
+    assert [name for name, _ in calls] == ["first", "second", "second"]
+
+
+def test_backward_on_a_leaf_copies_the_gradient_and_fires_its_hooks():
+    x = dp.tensor(np.ones(3), requires_grad=True)
+    fired = []
+    x.register_post_accumulate_grad_hook(lambda t: fired.append(t.grad.copy()))
+    grad = np.array([1.0, 2.0, 3.0])
+    x.backward(grad)
+    assert x.grad is not grad and np.array_equal(x.grad, grad) and len(fired) == 1
+    grad[0] = 100.0
+    assert x.grad[0] == 1.0
+
+
+def test_backward_checks_the_gradient_it_is_given():
+    x = dp.tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    y = x * 2
+    with pytest.raises(ValueError, match=r"^gradient of shape \(3, 2\) for a tensor of shape \(2, 3\)$"):
+        y.backward(np.ones((3, 2)))
+    with pytest.raises(RuntimeError, match=r"^backward\(\) without a gradient needs a one-element tensor, "
+                                           r"got shape \(2, 3\)$"):
+        y.backward()
+    with pytest.raises(RuntimeError, match=r"^backward\(\) called on a tensor that does not require grad "
+                                           r"\(no input had requires_grad=True, or it was computed under no_grad\)$"):
+        dp.tensor(np.ones(1)).backward()
+    y.backward([[1, 2, 3], [4, 5, 6]])  # a list becomes an array of the root's dtype
+    assert x.grad.dtype == np.float32 and np.array_equal(x.grad, [[2, 4, 6], [8, 10, 12]])
+    (x.sum() * 1).backward()  # one element: 1 is implied
+    assert np.array_equal(x.grad, [[3, 5, 7], [9, 11, 13]])
+
+
+def test_walking_a_freed_graph_says_how_to_keep_it():
+    x = dp.tensor(np.ones(2), requires_grad=True)
+    y = (x * 2).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match=r"^backward\(\) through a graph that was already freed; pass "
+                                           r"retain_graph=True to the first backward\(\) to walk it twice$"):
+        y.backward()
+
+
+def test_a_backward_that_returns_the_wrong_shape_is_named():
+    from distprop.autograd import Function
+
+    class Broken(Function):
+        def forward(self, x):
+            return x.sum()
+
+        def backward(self, gy):
+            return (gy,)  # shape () for an input of shape (3,)
+
+    with pytest.raises(RuntimeError, match=r"^Broken.backward returned a gradient of shape \(\) for input 0 of "
+                                           r"shape \(3,\)$"):
+        Broken()(dp.tensor(np.ones(3), requires_grad=True)).backward()
+
+
+def test_function_records_only_when_a_gradient_is_wanted():
+    from distprop.autograd import Function
+
+    class Twice(Function):
+        def forward(self, a, b):
+            self.seen = self.needs_input_grad
+            return np.sum(a * 2 + b)  # a numpy scalar: kept as a 0-d array
+
+        def backward(self, gy):
+            return gy * 2 * np.ones(3), None
+
+    x, c = dp.tensor(np.ones(3), requires_grad=True), dp.tensor(np.ones(3))
+    op = Twice()
+    y = op(x, c)
+    assert op.seen == (True, False) and y.creator is op and op.inputs[0] is x and y.requires_grad
+    assert isinstance(y.data, np.ndarray) and y.shape == ()
+    y.backward()
+    assert np.array_equal(x.grad, [2, 2, 2]) and c.grad is None
+    op = Twice()
+    z = op(c, c)
+    assert op.seen == (False, False) and z.creator is None and not hasattr(op, "inputs") and not z.requires_grad
+    with dp.no_grad():
+        op = Twice()
+        assert op(x, c).creator is None and op.seen == (False, False)
+    assert repr(Twice()) == "<Twice>"
+    with pytest.raises(NotImplementedError):
+        Function().forward(np.ones(1))
+    with pytest.raises(NotImplementedError):
+        Function().backward(np.ones(1))
+
+
+def test_an_input_whose_op_gives_no_gradient_gets_none_and_no_hook():
+    from distprop.autograd import Function
+
+    class FirstOnly(Function):
+        def forward(self, a, b):
+            return a + b
+
+        def backward(self, gy):
+            return gy, None
+
+    a, b = dp.tensor(np.ones(2), requires_grad=True), dp.tensor(np.ones(2), requires_grad=True)
+    fired = []
+    b.register_post_accumulate_grad_hook(lambda t: fired.append(t))
+    FirstOnly()(a, b * 1).sum().backward()  # b's path ends at an op that gives it nothing
+    assert np.array_equal(a.grad, [1, 1]) and b.grad is None and fired == []
+
+
+def test_one_array_returned_for_two_inputs_is_not_shared_between_their_gradients():
+    from distprop.autograd import Function
+
+    class Both(Function):
+        def forward(self, a, b):
+            return a + b
+
+        def backward(self, gy):
+            g = gy * 1.0  # a fresh array, handed to both inputs
+            return g, g
+
+    a, b = dp.tensor(np.ones(2), requires_grad=True), dp.tensor(np.ones(2), requires_grad=True)
+    Both()(a, b).sum().backward()
+    assert a.grad is not b.grad
+    a.grad += 1
+    assert np.array_equal(b.grad, [1, 1])
+    # the same through intermediate ops: accumulation in one path must not leak into the other
+    c = dp.tensor(np.ones(2), requires_grad=True)
+    x, y = c * 1, c * 1
+    (Both()(x, y) + x).sum().backward()
+    assert np.array_equal(c.grad, [3, 3])
+
+
+def test_a_gradient_passed_through_unchanged_is_never_added_into_in_place():
+    from distprop.autograd import Function
+
+    class Identity(Function):
+        def forward(self, a):
+            return a
+
+        def backward(self, gy):
+            return (gy,)
+
+    x = dp.tensor(np.ones(3), requires_grad=True)
+    given = np.array([1.0, 2.0, 3.0])
+    y = Identity()(x)
+    (Identity()(y) + Identity()(y)).backward(given)  # y's two gradients: the same array twice
+    assert np.array_equal(x.grad, [2, 4, 6]) and np.array_equal(given, [1, 2, 3])
+
+
+def test_callbacks_run_in_order_and_may_queue_more():
+    from distprop.autograd import Function, queue_callback
+
+    order = []
+
+    class Queues(Function):
+        def forward(self, x):
+            return x
+
+        def backward(self, gy):
+            queue_callback(lambda: (order.append("first"), queue_callback(lambda: order.append("third"))))
+            queue_callback(lambda: order.append("second"))
+            return (gy,)
+
+    Queues()(dp.tensor(np.ones(2), requires_grad=True)).sum().backward()
+    assert order == ["first", "second", "third"]
+    with pytest.raises(RuntimeError, match=r"^queue_callback\(\) called outside of a backward pass$"):
+        queue_callback(lambda: None)
+
+
+def test_a_backward_inside_a_callback_keeps_the_outer_pass_callbacks():
+    from distprop.autograd import Function, queue_callback
+
+    order = []
+    inner = dp.tensor(np.ones(1), requires_grad=True)
+
+    class Outer(Function):
+        def forward(self, x):
+            return x
+
+        def backward(self, gy):
+            def nested():
+                (inner * 2).sum().backward()  # a pass of its own, inside the outer one's callback
+                order.append("nested done")
+            queue_callback(nested)
+            queue_callback(lambda: order.append("outer second"))
+            return (gy,)
+
+    Outer()(dp.tensor(np.ones(2), requires_grad=True)).sum().backward()
+    assert order == ["nested done", "outer second"] and inner.grad[0] == 2.0
