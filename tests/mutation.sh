@@ -12,8 +12,8 @@
 # (default 2), and the MPI tests run on 2 ranks as part of it (tests/mutation_mpi.py).
 # tests/mutation_report.py then prints the score of every file and each surviving
 # mutant that tests/mutation_equivalents.txt does not list as equivalent; the
-# summary goes to $MUTATION_DIR/GROUP/report.txt. Needs mutmut 3.8
-# (pip install "distprop[mutation]").
+# summary goes to $MUTATION_DIR/GROUP/report.txt. Needs mutmut 3.8 and pytest-timeout
+# (pip install -e ".[test,mutation]").
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 workroot="${MUTATION_DIR:-/tmp/distprop-mutation}"
@@ -22,7 +22,8 @@ jobs="${MUTATION_JOBS:-2}"
 if [ "$(id -u)" = 0 ]; then  # Open MPI refuses to start as root without these
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
-python -c "import mutmut" 2>/dev/null || { echo "mutation.sh: install mutmut: pip install -e '.[mutation]'" >&2; exit 2; }
+python -c "import mutmut, pytest_timeout" 2>/dev/null || {
+  echo "mutation.sh: install mutmut and pytest-timeout: pip install -e '.[test,mutation]'" >&2; exit 2; }
 
 # group -> what to mutate (globs, or mutant names for part of a file) and the tests to run
 configure() {
@@ -30,10 +31,12 @@ configure() {
   case "$1" in
     autograd)
       mutate=(distprop/autograd.py)
-      tests=(tests/test_autograd.py tests/test_functional_*.py tests/test_nn_module.py) ;;
+      tests=(tests/test_autograd.py tests/test_functional_{arithmetic,reductions,shapes,elementwise,activations}.py
+             tests/test_nn_module.py) ;;
     functional)
       mutate=("distprop/functional/*")
-      tests=(tests/test_functional_*.py tests/test_autograd.py tests/test_nn_*.py tests/test_models_smoke.py) ;;
+      tests=(tests/test_functional_*.py tests/test_autograd.py tests/test_nn_layers.py tests/test_nn_normalization.py
+             tests/test_nn_transformer.py) ;;
     optim)
       mutate=("distprop/optim/*")
       tests=(tests/test_optim_*.py) ;;
@@ -73,7 +76,10 @@ run_group() {
     echo "only_mutate ="; for m in "${mutate[@]}"; do echo "    $m"; done
     if [ ${#skip[@]} -gt 0 ]; then echo "do_not_mutate ="; printf '    %s\n' "${skip[@]}"; fi
     echo "pytest_add_cli_args_test_selection ="; for t in "${tests[@]}"; do [ -e "$t" ] && echo "    $t"; done
-    echo "pytest_add_cli_args ="; printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=ci
+    # A test still running after 60 s fails (a mutant that loops forever is caught there, not
+    # after mutmut's own limit: 15 times the estimated time of all its tests).
+    echo "pytest_add_cli_args ="
+    printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=ci --timeout=60
   } > setup.cfg
   shopt -u nullglob
   echo "== mutation: $group ($(date -u +%FT%TZ), $jobs at a time, in $dir)"

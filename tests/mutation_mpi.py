@@ -31,6 +31,7 @@ RANKS = 2
 TIMEOUT_SECONDS = 240  # a mutant that hangs a collective is killed here (the watchdog usually ends it sooner)
 
 
+@pytest.mark.timeout(TIMEOUT_SECONDS + 60)  # its own limit, not the one for single tests
 @pytest.mark.parametrize("path", MPI_TEST_FILES)
 def test_mpi_tests_on_two_ranks(path, tmp_path):
     hits = tmp_path / "hits"
