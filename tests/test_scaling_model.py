@@ -129,12 +129,16 @@ def test_nothing_is_exposed_when_allreduces_are_negligible_against_backward():
     assert result.efficiency == pytest.approx(1.0, abs=1e-4)
 
 
-def test_overlap_hides_what_serial_communication_pays_in_full():
+def test_cpu_ranks_pay_the_node_local_reduction_in_full_and_overlap_what_waits_on_a_wire():
     work, fab = _workload(), fabrics.preset("eth-100")
     overlapped = predict(work, fab, "ring", 16)
     assert 0 < overlapped.exposed_s < overlapped.allreduce_s
-    serial = predict(work, fab, "ring", 16, host=Host(cores=64))
-    assert serial.exposed_s == pytest.approx(serial.allreduce_s)
+    on_cpus = predict(work, fab, "ring", 16, host=Host(cores=64))  # a ring only waits on the network
+    assert on_cpus.exposed_s == pytest.approx(overlapped.exposed_s)
+    one_node = Fabric(name="shm", description="", intra=FAST, inter=FAST, ranks_per_node=1 << 30,
+                      node_reduction=Link(alpha=1e-4, beta=1e-9))
+    shm = predict(work, one_node, "hier", 4, host=Host(cores=4))
+    assert shm.exposed_s == pytest.approx(shm.allreduce_s) and shm.allreduce_s > 0
 
 
 def test_a_node_with_more_ranks_than_cores_runs_them_back_to_back():

@@ -164,6 +164,15 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
+def boot_id() -> str:
+    """The same for every process of one running kernel, network namespaces included."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            return file.read().strip()
+    except OSError:
+        return platform.node()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distprop.scaling.calibrate")
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")
@@ -183,8 +192,10 @@ def main(argv=None) -> None:
     kinds = [k for k in args.transports.split(",") if k] if comm.size > 1 else []
     if "shm" in kinds and comm.local_size == 1:
         kinds.remove("shm")  # one rank per node: nothing to share
+    # Hosts that are namespaces of one machine share its cores (the model must know).
+    kernels = set(comm.allgather_object(boot_id()))
     result = {"ranks": comm.size, "ranks_per_node": comm.local_size, "threads_per_rank": args.threads,
-              "machine": machine(), "transports": measure_transports(comm, kinds, args.repeats),
+              "machine": {**machine(), "nodes_share_cores": len(kernels) == 1 and comm.local_size < comm.size}, "transports": measure_transports(comm, kinds, args.repeats),
               "workload": measure_workload(comm, hidden, args.batch, args.steps, args.rounds)}
     if comm.rank == 0:
         with open(args.out, "w") as file:

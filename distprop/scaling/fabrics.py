@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from distprop.errors import UserError
 from distprop.scaling.allreduce import Fabric, Link
+from distprop.scaling.model import Host
 
 GB = 1e9
 US = 1e-6
@@ -69,13 +70,31 @@ def preset(name: str, *, ranks_per_node: int | None = None, nics: int = 1, calib
     return fabric
 
 
+def measured_link(fit: dict, ranks: int) -> Link:
+    """The link under a measured allreduce: a ring over p ranks costs
+    2(p-1) alpha + 2(p-1)/p n beta, so a fit t = a + n b at p ranks is the link
+    alpha = a / 2(p-1), beta = b p / 2(p-1)."""
+    steps = 2 * (ranks - 1)
+    return Link(alpha=fit["alpha"] / steps, beta=fit["beta"] * ranks / steps)
+
+
 def shm_fabric(calibration: dict) -> Fabric:
-    """This machine: its ranks on one node, gradients averaged through shared memory
-    at the measured cost per bucket (a + b * bytes), MPI between nodes as measured."""
-    fit = calibration["transports"]["shm"]
-    node = Link(alpha=fit["alpha"], beta=fit["beta"])
-    mpi = calibration["transports"].get("mpi", fit)
-    return Fabric(name="shm", description=f"this machine's shared memory ({calibration['machine']['cores']} cores)",
-                  intra=Link(alpha=mpi["alpha"], beta=mpi["beta"]), inter=Link(alpha=mpi["alpha"], beta=mpi["beta"]),
-                  ranks_per_node=1 << 30, node_reduction=node,
-                  source=f"measured by distprop scale --calibrate at {calibration['ranks']} ranks")
+    """This machine as measured: the ranks of a node average gradients through shared
+    memory at the measured cost per bucket (a + b * bytes), nodes (one rank each,
+    when calibrated across hosts) through MPI at the measured link. One node unless
+    the calibration ran across hosts."""
+    ranks, per_node = calibration["ranks"], calibration["ranks_per_node"]
+    fits = calibration["transports"]
+    node = Link(alpha=fits["shm"]["alpha"], beta=fits["shm"]["beta"]) if "shm" in fits else None
+    link = measured_link(fits["mpi"], ranks) if "mpi" in fits else Link(alpha=0.0, beta=0.0)
+    where = "shared memory" if per_node > 1 else "MPI between hosts"
+    return Fabric(name="shm", description=f"this machine, {where} ({calibration['machine']['cores']} cores)",
+                  intra=link, inter=link, ranks_per_node=(1 << 30) if per_node > 1 else 1, node_reduction=node,
+                  source=f"measured by distprop scale --calibrate at {ranks} ranks")
+
+
+def measured_host(calibration: dict) -> Host:
+    """This machine's CPU ranks as calibrated: cores, threads per rank, and whether
+    the hosts were namespaces of this one machine (then all ranks share its cores)."""
+    return Host(cores=calibration["machine"]["cores"], threads_per_rank=calibration["threads_per_rank"],
+                shared=calibration["machine"].get("nodes_share_cores", False))

@@ -11,11 +11,13 @@ in bucket order (a two-stage flow shop, as in WFBP / MG-WFBP / PyTorch DDP):
     T_exposed = max(0, e_K - (T_data + T_fwd + kappa * T_bwd))
 
 That holds where communication runs beside the computation (a GPU with its own
-copy engines and NIC). Where the ranks' CPU cores do both -- a host whose ranks
-already fill its cores, as this machine's do -- nothing is hidden: T_exposed is
-the sum of the T_ar, and when a node holds more ranks than cores the busiest core
-runs ceil(ranks x threads / cores) ranks' steps back to back (synchronous steps
-leave no time for the scheduler to even them out).
+copy engines and NIC). Where CPU ranks already fill their host's cores, as on this
+machine, the reduction inside a node (the hierarchy's node-local part: summing
+and copying through shared memory) is work for those same cores and is hidden by
+nothing: it adds to the step in full. What waits on a wire (everything else) still
+overlaps backward as above. When a node holds more ranks than cores, the busiest
+core runs ceil(ranks x threads / cores) ranks' steps back to back (synchronous
+steps leave the scheduler no time to even them out).
 
 T_jitter = sigma * sqrt(2 ln p) is the expected maximum of p normal compute-time
 deviations: the slowest rank sets the pace. Efficiency is weak scaling: the
@@ -28,16 +30,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distprop.scaling.allreduce import Fabric, allreduce_time, nodes
+from distprop.scaling.allreduce import Fabric, allreduce_time, node_local, nodes
 
 MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Host:
-    """CPU ranks: the node's cores and each rank's threads (reductions run on them too)."""
+    """CPU ranks: the node's cores and each rank's threads (reductions run on them too).
+    shared: every node's ranks share these cores (hosts that are network namespaces
+    of one machine)."""
     cores: int
     threads_per_rank: int = 1
+    shared: bool = False
 
     def oversubscription(self, ranks_on_node: int) -> int:
         return max(1, math.ceil(ranks_on_node * self.threads_per_rank / self.cores))
@@ -93,16 +98,18 @@ def predict(workload, fabric: Fabric, algorithm: str, ranks: int, *, bucket_mb: 
     before_backward = workload.data_s + workload.forward_s
     compute = before_backward + backward + workload.optimizer_s
     reductions = [allreduce_time(algorithm, size, ranks, fabric) for size, _ in buckets] if ranks > 1 else []
-    if host is None:
-        ready = [before_backward + backward * when for _, when in buckets]
-        exposed = exposed_time(ready, reductions, before_backward + backward)
-        crowding = 1
-    else:
-        exposed = sum(reductions)
-        crowding = host.oversubscription(nodes(ranks, fabric)[0])
+    crowding, on_cores = 1, [0.0] * len(reductions)
+    if host is not None:
+        g = nodes(ranks, fabric)[0]
+        crowding = host.oversubscription(ranks if host.shared else g)
+        if algorithm == "hier":
+            on_cores = [node_local(size, g, fabric) for size, _ in buckets] if ranks > 1 else []
+    on_wire = [total - cpu for total, cpu in zip(reductions, on_cores)]
+    ready = [crowding * (before_backward + backward * when) for _, when in buckets]
+    exposed = crowding * sum(on_cores) + exposed_time(ready, on_wire, crowding * (before_backward + backward))
     jitter = sigma * math.sqrt(2 * math.log(ranks)) if ranks > 1 else 0.0
-    step = crowding * (compute + exposed) + jitter
+    step = crowding * compute + exposed + jitter
     alone = workload.single_rank_s or workload.compute_s * (host.oversubscription(1) if host is not None else 1)
     return Prediction(ranks=ranks, step_s=step, compute_s=crowding * compute, allreduce_s=sum(reductions),
-                      exposed_s=crowding * exposed + jitter, efficiency=alone / step,
+                      exposed_s=exposed + jitter, efficiency=alone / step,
                       throughput=ranks * workload.batch / step, buckets=len(buckets))

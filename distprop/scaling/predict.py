@@ -16,7 +16,7 @@ import os
 from distprop.errors import UserError
 from distprop.scaling import fabrics, workloads
 from distprop.scaling.allreduce import ALGORITHMS, latency_crossover
-from distprop.scaling.model import MB, Host, make_buckets, predict
+from distprop.scaling.model import MB, make_buckets, predict
 
 DEFAULT_RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -86,7 +86,7 @@ def run(args) -> int:
             if calibration is None:
                 raise UserError("--model measured needs --calibration FILE (from distprop scale --calibrate)")
             workload = workloads.from_calibration(calibration)
-            host = Host(cores=calibration["machine"]["cores"], threads_per_rank=calibration["threads_per_rank"])
+            host = fabrics.measured_host(calibration)
         else:
             workload, host = workloads.reference(model_name), None
         print(f"{workload.description}\n  compute {workload.compute_s * 1e3:.1f} ms per step "

@@ -3,6 +3,9 @@
 --calibrate runs distprop.scaling.calibrate as a job (2 ranks unless --ranks says
 otherwise) and keeps its measurements in DIR/calibration.json.
 
+Both run on this machine, or with --hostfile/--hosts across hosts through
+distprop launch (one rank per host: MPI between them, e.g. over TCP).
+
 --validate fits the model on a 2-rank job -- the transports' alpha and beta, the
 workload's phases and gradient readiness, all measured by that job -- and predicts
 the synchronised step at 1, 2 and 3 ranks (3 ranks: more ranks than this machine
@@ -23,14 +26,21 @@ import sys
 from distprop.errors import UserError
 from distprop.launcher import job_environment, mpiexec_command
 from distprop.scaling import fabrics, workloads
-from distprop.scaling.model import Host, predict
+from distprop.scaling.model import predict
 
 CALIBRATE = "distprop.scaling.calibrate"
 
 
-def calibration_job(ranks: int, out: str, timeout: float, extra=()) -> dict:
-    """Run the calibration program on `ranks` ranks of this machine; its JSON."""
-    command = mpiexec_command(ranks, [sys.executable, "-m", CALIBRATE, "--out", out, *extra])
+def calibration_job(ranks: int, out: str, args, extra=()) -> dict:
+    """Run the calibration program on `ranks` ranks (this machine, or the hosts of
+    --hostfile/--hosts through distprop launch); its JSON."""
+    program = [sys.executable, "-m", CALIBRATE, "--out", os.path.abspath(out), *extra]
+    if args.hostfile or args.hosts:
+        command = [sys.executable, "-m", "distprop", "launch", "-n", str(ranks),
+                   *(["--hostfile", args.hostfile] if args.hostfile else ["--hosts", args.hosts]), "--", *program]
+    else:
+        command = mpiexec_command(ranks, program)
+    timeout = args.timeout
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                                 env=job_environment(PYTHONUNBUFFERED=1))
@@ -51,8 +61,8 @@ def run_calibrate(args) -> int:
         raise UserError("--calibrate measures communication: --ranks must be at least 2")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "calibration.json")
-    calibration = calibration_job(ranks, path, args.timeout)
-    single = calibration_job(1, os.path.join(args.out, "single-rank.json"), args.timeout, ["--transports", ""])
+    calibration = calibration_job(ranks, path, args)
+    single = calibration_job(1, os.path.join(args.out, "single-rank.json"), args, ["--transports", ""])
     calibration["single_rank_step_s"] = single["workload"]["baseline_step_s"]
     with open(path, "w") as file:
         json.dump(calibration, file, indent=1)
@@ -88,8 +98,7 @@ def workload_of(calibration: dict):
 
 def predicted_steps(calibration: dict, ranks) -> dict[int, float]:
     workload = workload_of(calibration)
-    host = Host(cores=calibration["machine"]["cores"], threads_per_rank=calibration["threads_per_rank"])
-    fabric = fabrics.shm_fabric(calibration)
+    host, fabric = fabrics.measured_host(calibration), fabrics.shm_fabric(calibration)
     return {p: predict(workload, fabric, "hier", p, host=host).step_s for p in ranks}
 
 
@@ -99,11 +108,11 @@ def run_validate(args) -> int:
     fits, measured = [], {1: [], 2: [], 3: []}
     predicted_ranks = (2, 3)
     for i in range(repeats):  # interleaved: load from elsewhere falls on every rank count alike
-        fit = calibration_job(2, os.path.join(args.out, f"fit-2-ranks-{i}.json"), args.timeout)
+        fit = calibration_job(2, os.path.join(args.out, f"fit-2-ranks-{i}.json"), args)
         fits.append(fit)
         measured[2].append(fit["workload"]["sync_step_s"])
         for ranks in (1, 3):
-            job = calibration_job(ranks, os.path.join(args.out, f"measure-{ranks}-ranks-{i}.json"), args.timeout,
+            job = calibration_job(ranks, os.path.join(args.out, f"measure-{ranks}-ranks-{i}.json"), args,
                                   ["--transports", ""])
             measured[ranks].append(job["workload"]["sync_step_s"])
     rows = []
