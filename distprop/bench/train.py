@@ -3,8 +3,9 @@
 1. Bookkeeping. The default job (the MLP on the UCI digits, batch 32) run by
    `distprop train` -- progress as log lines, metrics.jsonl, phase timings, timeline
    off -- against a plain loop over the same model, loader, optimizer and schedule
-   (what examples/train_digits.py does). Both are timed over their training steps
-   only: evaluation and checkpoints are left out of both. Interleaved rounds, one
+   (what examples/train_digits.py does), evaluated after each epoch as the job is.
+   Both are timed over their training steps only: evaluation and checkpoints are
+   left out of both. Interleaved rounds, one
    process, one thread; the ratio is the job's samples per second over the loop's,
    in wall time and in this process's CPU time (which other processes on a shared
    machine disturb far less).
@@ -105,6 +106,7 @@ def plain_loop_seconds(config, data: str, steps: int) -> tuple[float, float]:
                     weight_decay=config.weight_decay)
     schedule = optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     loader = ArrowLoader(os.path.join(data, "train"), config.batch_size, seed=config.seed)
+    test = ArrowLoader(os.path.join(data, "test"), config.eval_batch_size, shuffle=False, drop_last=False)
     done, epoch, wall, cpu = 0, 0, 0.0, 0.0
     while done < steps:
         loader.set_epoch(epoch)
@@ -123,6 +125,11 @@ def plain_loop_seconds(config, data: str, steps: int) -> tuple[float, float]:
         wall += time.perf_counter() - start
         cpu += time.process_time() - start_cpu
         epoch += 1
+        model.eval()  # untimed, as the job's evaluation after each epoch is
+        with dp.no_grad():
+            for batch in test:
+                model(dp.tensor(batch["image"])).data.argmax(axis=1)
+        model.train()
     model.close()
     return wall, cpu
 
