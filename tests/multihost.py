@@ -74,6 +74,7 @@ class VirtualHosts:
     def __init__(self, count: int, workdir: Path, rate: str | None = None):
         self.tag = f"dp{os.getpid():06x}{secrets.token_hex(1)}"
         self.count, self.rate = count, rate
+        self.burst = f"{max(32, _bits(rate) // 250_000)}kbit" if rate else None  # checks the rate early
         self.bridge = f"{self.tag}br"
         self.namespaces = [f"{self.tag}h{i}" for i in range(count)]
         self.veths = [f"{self.tag}v{i}" for i in range(count)]
@@ -92,6 +93,7 @@ class VirtualHosts:
         self.subnet = _free_subnet()
         self.addresses = [f"{self.subnet}.{11 + i}" for i in range(self.count)]
         try:
+            self._write_agent()
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
@@ -108,6 +110,9 @@ class VirtualHosts:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        return self
+
+    def _write_agent(self) -> None:
         cases = "\n".join(f'  {a}) ns={n} ;;' for a, n in zip(self.addresses, self.namespaces))
         self.agent.write_text(
             "#!/bin/sh\n# plm_ssh_agent: $1 is the host, the rest the command to run there\n"
@@ -115,14 +120,12 @@ class VirtualHosts:
             # dashes, not dots: a dotted name would be cut at its first dot to one node name
             'exec ip netns exec "$ns" unshare --uts sh -c "hostname host-$(echo $host | tr . -); $*"\n')
         self.agent.chmod(0o755)
-        return self
 
     def _shape(self, namespace: str, veth: str) -> None:
         """Limit the link to `rate` both ways: what the host sends (its eth0) and what it
         receives (the bridge's side). tbf needs a bucket of at least one timer tick's
         worth of bytes, or it cannot reach the rate."""
-        burst = f"{max(32, _bits(self.rate) // 250_000)}kbit"
-        shaping = ("root", "tbf", "rate", self.rate, "burst", burst, "latency", "400ms")
+        shaping = ("root", "tbf", "rate", self.rate, "burst", self.burst, "latency", "400ms")
         subprocess.run(["tc", "qdisc", "add", "dev", veth, *shaping], check=True, capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", "eth0", *shaping],
                        check=True, capture_output=True, timeout=30)

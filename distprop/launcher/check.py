@@ -80,10 +80,11 @@ def _seconds(comm, function) -> float:
 
 def bandwidth(comm, nbytes: int, xp, raw: bool) -> tuple[float | None, float]:
     """Median seconds of one allreduce of `nbytes` float32: (raw mpi4py or None, distprop).
-    The two run in turns, so a busy neighbour slows both alike."""
+    The two take turns, each first every other time, so that a busy neighbour and the
+    order of the calls weigh on both alike."""
     from distprop import backend
 
-    buffer = xp.ones(nbytes // 4, dtype=np.float32)
+    buffer = xp.zeros(nbytes // 4, dtype=np.float32)  # zeros: repeated sums never overflow
 
     def ours():
         comm.allreduce_(buffer, "sum")
@@ -92,12 +93,14 @@ def bandwidth(comm, nbytes: int, xp, raw: bool) -> tuple[float | None, float]:
     def mpi4py_allreduce():
         comm.mpi_comm.Allreduce(comm.MPI.IN_PLACE, buffer)
 
-    raw_times, our_times = [], []
+    times = {ours: [], mpi4py_allreduce: []}
     for i in range(WARMUP + ITERATIONS):
-        if raw:
-            raw_times.append(_seconds(comm, mpi4py_allreduce))
-        our_times.append(_seconds(comm, ours))
-    return (float(np.median(raw_times[WARMUP:])) if raw else None), float(np.median(our_times[WARMUP:]))
+        order = (mpi4py_allreduce, ours) if i % 2 == 0 else (ours, mpi4py_allreduce)
+        for function in order if raw else (ours,):
+            times[function].append(_seconds(comm, function))
+    median = {function: float(np.median(samples[WARMUP:])) if samples else None
+              for function, samples in times.items()}
+    return median[mpi4py_allreduce], median[ours]
 
 
 def _gbps(nbytes: int, seconds: float | None, factor: float) -> str:
