@@ -36,14 +36,18 @@ class Totals:
     def __init__(self):
         self.values = [0.0] * (4 + len(PHASES))
 
-    def add(self, seconds: float, phases: list[float], loss: float, samples: int) -> None:
+    def add(self, seconds: float, loss: float, samples: int, data_wait: float, forward: float, backward: float,
+            comm_wait: float, optimizer: float) -> None:
         values = self.values
         values[0] += 1
         values[1] += seconds
         values[2] += samples
         values[3] += loss
-        for i, value in enumerate(phases, 4):
-            values[i] += value
+        values[4] += data_wait
+        values[5] += forward
+        values[6] += backward
+        values[7] += comm_wait
+        values[8] += optimizer
 
 
 class Window:

@@ -27,7 +27,6 @@ from distprop.train.evaluation import evaluate
 from distprop.train.metrics import PHASES, Totals, Window, mean_over_ranks
 
 clock = time.perf_counter
-DATA, FORWARD, BACKWARD, COMM, OPTIMIZER = range(len(PHASES))
 
 
 @dataclass
@@ -63,6 +62,8 @@ class Trainer:
         self.reducer = getattr(model, "reducer", None)
         self.parameters = list(model.parameters())
         self.accumulation = config.accumulation_steps
+        self.label_smoothing, self.clip_grad_norm = config.label_smoothing, config.clip_grad_norm
+        self._synchronised = contextlib.nullcontext()  # the last micro-batch's: gradients are averaged
         self.samples_per_step = state.per_rank_batch * self.accumulation * comm.size
         self.final_step = min(state.total_steps, config.stop_at or state.total_steps)
         self.totals = Totals()
@@ -105,22 +106,20 @@ class Trainer:
         return self._finish()
 
     def _train_step(self, iterator) -> None:
-        state, model, reducer = self.state, self.model, self.reducer
+        state, model, reducer, timeline = self.state, self.model, self.reducer, self.timeline
         number = state.step + 1
-        recording = self.timeline is not None and self.timeline.recording(number)
+        recording = timeline is not None and timeline.recording(number)
         if reducer is not None:
-            reducer.trace = self.timeline.reductions if recording else None
-        phases = [0.0] * len(PHASES)
-        loss_sum = 0.0
+            reducer.trace = timeline.reductions if recording else None
+        data = forward = backward = comm = loss_sum = 0.0
         start = clock()
         for micro in range(self.accumulation):
             t0 = clock()
             batch = next(iterator)
             x, targets = self.prepare(batch[self.input_name]), batch[self.label]
             t1 = clock()
-            last = micro == self.accumulation - 1
-            with contextlib.nullcontext() if last else model.no_sync():
-                loss = F.cross_entropy(model(x), targets, label_smoothing=self.config.label_smoothing)
+            with self._synchronised if micro == self.accumulation - 1 else model.no_sync():
+                loss = F.cross_entropy(model(x), targets, label_smoothing=self.label_smoothing)
                 if self.accumulation > 1:
                     loss = loss * (1.0 / self.accumulation)
                 loss_sum += loss.item()  # on the GPU, forward's queued work is paid here
@@ -128,32 +127,31 @@ class Trainer:
                 synced_before = reducer.sync_seconds if reducer is not None else 0.0
                 loss.backward()
                 t3 = clock()
-            comm = reducer.sync_seconds - synced_before if reducer is not None else 0.0
-            phases[DATA] += t1 - t0
-            phases[FORWARD] += t2 - t1
-            phases[BACKWARD] += t3 - t2 - comm
-            phases[COMM] += comm
+            waited = reducer.sync_seconds - synced_before if reducer is not None else 0.0
+            data += t1 - t0
+            forward += t2 - t1
+            backward += t3 - t2 - waited
+            comm += waited
             if recording:
                 for name, a, b in (("data_wait", t0, t1), ("forward", t1, t2), ("backward", t2, t3)):
-                    self.timeline.span(name, a, b)
+                    timeline.span(name, a, b)
         t4 = clock()
         self.lr = self.optimizer.param_groups[0]["lr"]
-        if self.config.clip_grad_norm is not None:
-            clip_grad_norm_(self.parameters, self.config.clip_grad_norm, self.comm)
+        if self.clip_grad_norm is not None:
+            clip_grad_norm_(self.parameters, self.clip_grad_norm, self.comm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
         end = clock()
-        phases[OPTIMIZER] = end - t4
         if recording:
-            self.timeline.span("optimizer", t4, end)
-            self.timeline.span(f"step {number}", start, end)
+            timeline.span("optimizer", t4, end)
+            timeline.span(f"step {number}", start, end)
             if reducer is not None:
                 reducer.trace = None
         state.step = number
         state.samples += self.samples_per_step
         self.run_steps += 1
-        self.totals.add(end - start, phases, loss_sum, self.samples_per_step)
+        self.totals.add(end - start, loss_sum, self.samples_per_step, data, forward, backward, comm, end - t4)
         if self.run_steps == self.config.timing_warmup:
             self.timed = Window(self.totals)  # the steps from here on
 
