@@ -57,9 +57,10 @@ def load_calibration(path: str | None) -> dict | None:
 
 
 def rows(workload, fabric, algorithm: str, ranks, args, host=None) -> list[dict]:
-    buckets = None
+    buckets = None  # the measured workload's own, unless --bucket-mb asks for others
     if args.bucket_mb is not None or workload.buckets is None:
-        buckets = make_buckets(workload.gradients, (args.bucket_mb or 25.0) * MB, min(1.0, args.bucket_mb or 1.0) * MB)
+        cap = args.bucket_mb or 25.0
+        buckets = make_buckets(workload.gradients, cap * MB, min(1.0, cap) * MB)
     table = []
     for p in ranks:
         result = predict(workload, fabric, algorithm, p, buckets=buckets, kappa=args.kappa, sigma=args.sigma,
@@ -115,10 +116,10 @@ def _print_table(fabric, algorithm: str, table, crossover) -> None:
     print(f"\n  {fabric.name}: {fabric.description}; algorithm {algorithm}"
           f"\n  ({fabric.source})")
     print(f"  {'ranks':>6} {'compute ms':>10} {'allreduce ms':>12} {'exposed ms':>10} {'step ms':>9} "
-          f"{'efficiency':>10} {'throughput':>14}")
+          f"{'efficiency':>10} {'throughput':>12}")
     for row in table:
         print(f"  {row['ranks']:6d} {row['compute_ms']:10.1f} {row['allreduce_ms']:12.1f} {row['exposed_ms']:10.1f} "
-              f"{row['step_ms']:9.1f} {row['efficiency']:10.1%} {row['throughput']:10.0f} {row['unit'][:3]}/s")
+              f"{row['step_ms']:9.1f} {row['efficiency']:10.1%} {row['throughput']:12.0f} {row['unit']}/s")
     if crossover is not None:
         print(f"  from {crossover} ranks the allreduce's latency terms exceed its bandwidth terms")
 

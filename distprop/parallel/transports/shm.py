@@ -9,13 +9,14 @@ writes the result into every local rank's buffer. Two node barriers fence the
 exchange. Each rank thus reads and writes each gradient byte about once -- a ring
 or a message-based allreduce on shared memory moves it several times -- and the
 chunk is summed, scaled and copied out in blocks that stay in the core's cache, so
-the division and the copy cost next to no memory traffic.
+scaling and copying out reread nothing from memory. Every rank ends with bitwise
+the same values: each chunk is computed once (its owner's buffer first, then the
+others in local-rank order) and copied.
 
-The ranks of a node usually occupy all its cores, so this thread competes with
-training for them: it must never spin. Its barriers sleep (parallel.shm.NodeBarrier)
-where MPI's would poll. Every rank ends with bitwise the same values: each
-chunk is computed once (its owner's buffer first, then the others in local-rank
-order) and copied.
+The ranks of a node usually occupy all its cores, so the background thread
+competes with training for them: it must never spin. Its barriers sleep
+(parallel.shm.NodeBarrier) where MPI's would poll; only the training thread,
+running what is left once backward is over, polls briefly before it sleeps.
 """
 
 from __future__ import annotations
