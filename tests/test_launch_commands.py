@@ -212,7 +212,8 @@ def test_slurm_launcher_can_be_forced(tmp_path, fake, slurm):
     (dict(ranks=1, env=["NO_SUCH_VARIABLE_HERE"]), "--env NO_SUCH_VARIABLE_HERE: NO_SUCH_VARIABLE_HERE is not set"),
     (dict(ranks=1, env=["1BAD=x"]), "--env '1BAD=x': '1BAD' is not a variable name"),
     (dict(ranks=1, command=["no-such-program-here"]), "no-such-program-here: command not found"),
-    (dict(ranks=1, launcher="srun"), "--launcher srun needs a Slurm allocation"),
+    (dict(ranks=1, launcher="srun"), "--launcher srun starts the ranks on a Slurm allocation's nodes: SLURM_JOB_ID"),
+    (dict(hosts="127.0.0.1:2", launcher="srun"), "allocation's nodes: drop --hosts/--hostfile"),
 ])
 def test_one_line_errors(tmp_path, fake, request_args, message):
     with pytest.raises(UserError) as error:

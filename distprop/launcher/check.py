@@ -112,42 +112,42 @@ def main() -> int:
     from distprop import backend
 
     comm = dp.init()
+
+    def say(text: str) -> None:  # rank 0 reports for all
+        if comm.rank == 0:
+            print(text, flush=True)
+
     device = "gpu" if comm.allreduce(int(backend.gpu_available()), "min") else "cpu"  # init's own rule
     lines = comm.allgather_object(describe(comm, device))
+    hosts = set(comm.allgather_object(socket.gethostname()))
+    say(f"distprop launch --check: {comm.size} rank(s) on {len(hosts)} host(s)")
+    for line in lines:
+        say(f"  {line}")
+
     buffers = [("host", np)] + ([("gpu", backend.cupy_module())] if device == "gpu" else [])
-    verdicts = {kind: comm.allgather_object(verify(comm, xp)) for kind, xp in buffers}
-    failures = [f"{'allreduce' if which == 0 else 'broadcast'} of {kind} buffers wrong on rank(s) "
-                f"{[r for r, oks in enumerate(per_rank) if not oks[which]]}"
-                for kind, per_rank in verdicts.items() for which in (0, 1)
-                if not all(oks[which] for oks in per_rank)]
-    out = sys.stdout if comm.rank == 0 else None
-    if out:
-        hosts = len({line.split("  host ")[1].split()[0] for line in lines})
-        print(f"distprop launch --check: {comm.size} rank(s) on {hosts} host(s)", file=out)
-        for line in lines:
-            print(f"  {line}", file=out)
-        for kind in verdicts:
-            ok = not any(kind + " buffers" in f for f in failures)
-            print(f"allreduce and broadcast of {VERIFY_ELEMENTS} float64 ({kind} buffers): "
-                  f"{'ok' if ok else 'WRONG'}", file=out)
-        out.flush()
-    if comm.size > 1 and not failures:
+    failures = []
+    for kind, xp in buffers:
+        verdicts = comm.allgather_object(verify(comm, xp))  # every rank sees every verdict
+        for which, name in enumerate(("allreduce", "broadcast")):
+            wrong = [rank for rank, oks in enumerate(verdicts) if not oks[which]]
+            if wrong:
+                failures.append(f"{name} of {kind} buffers wrong on rank(s) {wrong}")
+        say(f"allreduce and broadcast of {VERIFY_ELEMENTS} float64 ({kind} buffers): "
+            f"{'ok' if all(all(oks) for oks in verdicts) else 'WRONG'}")
+
+    if comm.size == 1:
+        say("allreduce bus bandwidth: needs 2 ranks or more")
+    elif not failures:
         factor = 2 * (comm.size - 1) / comm.size  # bus bandwidth, as nccl-tests defines it for allreduce
-        if out:
-            print(f"allreduce bus bandwidth, float32, median of {ITERATIONS} (slowest rank each time):", file=out)
-            print(f"  {'size':>7} {'buffers':>8} {'mpi4py GB/s':>12} {'distprop GB/s':>14} {'distprop/mpi4py':>16}",
-                  file=out)
+        say(f"allreduce bus bandwidth, float32, median of {ITERATIONS} (slowest rank each time):")
+        say(f"  {'size':>7} {'buffers':>8} {'mpi4py GB/s':>12} {'distprop GB/s':>14} {'distprop/mpi4py':>16}")
         for nbytes in SIZES:
             for kind, xp in buffers:
                 raw, ours = bandwidth(comm, nbytes, xp, raw=kind == "host")
                 ratio = "-" if raw is None else f"{raw / ours:.2f}"
-                if out:
-                    print(f"  {nbytes // 2**20:>4} MB {kind:>8} {_gbps(nbytes, raw, factor):>12} "
-                          f"{_gbps(nbytes, ours, factor):>14} {ratio:>16}", file=out, flush=True)
-    if out and comm.size == 1:
-        print("allreduce bus bandwidth: needs 2 ranks or more", file=out)
-    if out:
-        print("check failed: " + "; ".join(failures) if failures else "check passed", file=out, flush=True)
+                say(f"  {nbytes // 2**20:>4} MB {kind:>8} {_gbps(nbytes, raw, factor):>12} "
+                    f"{_gbps(nbytes, ours, factor):>14} {ratio:>16}")
+    say("check failed: " + "; ".join(failures) if failures else "check passed")
     return 1 if failures else 0
 
 

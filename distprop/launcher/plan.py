@@ -99,7 +99,8 @@ def plan(request: Request, environ, workdir: Path) -> Launch:
         notes.append(f"Slurm job {allocation.job_id}: {job.ranks} ranks on {len(hosts)} node(s) through mpiexec "
                      f"with the allocation's hostfile ({reason})")
     elif request.launcher == "srun":
-        raise UserError("--launcher srun needs a Slurm allocation (SLURM_JOB_ID is not set)")
+        raise UserError("--launcher srun starts the ranks on a Slurm allocation's nodes: "
+                        + ("drop --hosts/--hostfile" if hosts else "SLURM_JOB_ID is not set"))
 
     runtime = mpi.detect(request.mpiexec, environ.get("PATH"))
     notes.insert(0, f"{runtime.name} ({runtime.mpiexec})")
