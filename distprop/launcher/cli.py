@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distprop.errors import UserError
 from distprop.launcher import process
 from distprop.launcher.plan import Request, plan
 
@@ -56,8 +57,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from(args) -> Request:
-    from distprop.errors import UserError
-
     command = args.program[1:] if args.program[:1] == ["--"] else list(args.program)
     if args.check:
         if command:
