@@ -16,10 +16,13 @@ others in local-rank order) and copied.
 The ranks of a node usually occupy all its cores, so the background thread
 competes with training for them: it must never spin. Its barriers sleep
 (parallel.shm.NodeBarrier) where MPI's would poll; only the training thread,
-running what is left once backward is over, polls briefly before it sleeps.
+running what is left once backward is over, polls briefly before it sleeps -- when
+the node has a core for each of its ranks' threads.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -64,6 +67,8 @@ class ShmTransport(BackgroundTransport):
             raise OSError("shared-memory transport: " + "; ".join(
                 f"rank {rank}: {text}" for rank, text in enumerate(failures) if text))
         self.layouts = layouts
+        # Polling pays only where no other rank of the node waits for this core.
+        self.may_spin = comm.local_size * getattr(comm, "threads", 1) <= (os.cpu_count() or 1)
         super().__init__()
 
     def buffer(self, index: int, local_rank: int | None = None) -> np.ndarray:
@@ -84,7 +89,8 @@ class ShmTransport(BackgroundTransport):
         lo, hi = min(count, self.comm.local_rank * chunk), min(count, (self.comm.local_rank + 1) * chunk)
         mine = self.buffer(index)[lo:hi]
         others = [self.buffer(index, k)[lo:hi] for k in range(local_size) if k != self.comm.local_rank]
-        self.barrier.wait(spin=idle)  # every local rank has staged this bucket
+        spin = idle and self.may_spin
+        self.barrier.wait(spin=spin)  # every local rank has staged this bucket
         if hi > lo:
             summed = self.cross.Get_size() > 1
             if summed:  # the node's sum of my chunk, then its sum over the nodes
@@ -100,7 +106,7 @@ class ShmTransport(BackgroundTransport):
                 part *= scale
                 for other in others:
                     other[block] = part
-        self.barrier.wait(spin=idle)  # every chunk is in every buffer
+        self.barrier.wait(spin=spin)  # every chunk is in every buffer
 
     def reduce(self, bucket, idle: bool) -> None:
         with self.comm._guard(f"shared-memory allreduce of {bucket.describe()}"):
