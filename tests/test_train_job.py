@@ -87,7 +87,7 @@ def test_the_default_job_reaches_97_percent(tmp_path, ranks):
         assert {"epoch", "step", "samples", "train_loss", "test_loss", "test_accuracy", "lr", "samples_per_s",
                 "comm_wait_fraction", "wall_time"} <= record.keys()
     assert "\r" not in result.stdout  # not a terminal: plain log lines, no redrawn bar
-    assert f"  step 20/{final['step']}  loss " in result.stdout  # (Open MPI's ranks see a pseudo-terminal)
+    assert f"  step 50/{final['step']}  loss " in result.stdout  # (Open MPI's ranks see a pseudo-terminal)
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{final['step']:08d}\n"
     assert final["phases"]["comm_wait_s"]["mean"] > 0 if ranks > 1 else final["phases"]["comm_wait_s"]["mean"] == 0
 

@@ -66,8 +66,10 @@ def bookkeeping(args, comm, work: str) -> None:
         argv = ["train", "--data", data, "--steps", str(args.steps), "--out", out, "--progress", "log",
                 "--checkpoint-every", str(args.steps)]
         config = config_from_args(build_parser("train").parse_args(argv))
-        job = job_loop_seconds(config, comm)
-        loop = plain_loop_seconds(config, data, args.steps)
+        if round_number % 2:  # alternate which goes first, so neither always follows the other
+            job, loop = job_loop_seconds(config, comm), plain_loop_seconds(config, data, args.steps)
+        else:
+            loop, job = plain_loop_seconds(config, data, args.steps), job_loop_seconds(config, comm)
         if round_number:
             job_runs.append(job)
             loop_runs.append(loop)

@@ -132,7 +132,7 @@ class TrainConfig:
     keep_global_batch: bool = option(False, "when resuming at another world size, rescale batch_size so "
                                      "that the global batch stays the same", kind="invocation")
     # -- seeing the run ------------------------------------------------------------
-    log_every: int = option(20, "log (and append to metrics.jsonl) every this many steps", minimum=1)
+    log_every: int = option(50, "log (and append to metrics.jsonl) every this many steps", minimum=1)
     progress: str = option("auto", "rank 0's progress: a bar on a terminal, log lines otherwise ('auto'), "
                            "or 'bar', 'log', 'none'", choices=PROGRESS)
     verbose: bool = option(False, "other ranks print their own log lines too")
