@@ -20,8 +20,9 @@ import os
 import statistics
 import sys
 
+from distprop.scaling import jobs
 from distprop.scaling.predict import parse_ranks
-from distprop.scaling.sweep import _run, _summary, launch_command, prepare_data
+from distprop.scaling.sweep import prepare_data, read_summary
 
 DEFAULT_RANKS = "1,2,4,8"
 DEFAULT_BATCH = 32
@@ -60,8 +61,8 @@ def run(args) -> int:
                     continue  # one rank: the rule changes nothing
                 out = os.path.join(args.out, "runs", f"{ranks}-ranks-{'rule' if rule else 'plain'}-seed{seed}")
                 program = [sys.executable, "-m", "distprop", "train", *_flags(args, data, ranks, seed, rule, out)]
-                _run(launch_command(ranks, program, args), f"distprop train on {ranks} rank(s)", args.timeout)
-                summary = _summary(os.path.join(out, "summary.json"))
+                jobs.run(jobs.launch_command(ranks, program, args), f"distprop train on {ranks} rank(s)", args.timeout)
+                summary = read_summary(os.path.join(out, "summary.json"))
                 runs.append({"ranks": ranks, "rule": rule, "seed": seed, "global_batch": summary["global_batch"],
                              "steps": summary["step"], "test_accuracy": summary["test_accuracy"]})
                 print(f"{ranks} rank(s), seed {seed}, {'linear scaling + warmup' if rule else 'single-rank lr'}: "

@@ -29,11 +29,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 from distprop.errors import UserError
+from distprop.scaling import jobs
 from distprop.scaling.predict import parse_ranks
 
 PHASES = ("data_wait", "forward", "backward", "comm_wait", "optimizer")
@@ -57,17 +57,6 @@ def threads_for(ranks: int, args) -> int:
     return max(1, (os.cpu_count() or 1) // on_this_node)
 
 
-def launch_command(ranks: int, program: list[str], args) -> list[str]:
-    command = [sys.executable, "-m", "distprop", "launch", "-n", str(ranks)]
-    if args.hostfile:
-        command += ["--hostfile", args.hostfile]
-    elif args.hosts:
-        command += ["--hosts", args.hosts]
-    elif ranks > (os.cpu_count() or 1):
-        command.append("--oversubscribe")
-    return command + ["--", *program]
-
-
 def train_flags(args, data: str, batch: int, threads: int, out: str) -> list[str]:
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else list(args.train_args)
     return ["--model", args.train_model, "--data", data, "--batch-size", str(batch), "--steps", str(args.steps),
@@ -75,20 +64,7 @@ def train_flags(args, data: str, batch: int, threads: int, out: str) -> list[str
             "--eval-every", "0", "--out", out, *extra]
 
 
-def _run(command: list[str], what: str, timeout: float) -> None:
-    from distprop.launcher import job_environment
-
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env=job_environment(PYTHONUNBUFFERED=1))
-    except subprocess.TimeoutExpired:
-        raise UserError(f"{what} did not finish within {timeout:g} s (--timeout)") from None
-    if result.returncode != 0:
-        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        raise UserError(f"{what} failed (exit {result.returncode}): {lines[-1] if lines else 'no output'}")
-
-
-def _summary(path: str) -> dict:
+def read_summary(path: str) -> dict:
     try:
         with open(path) as file:
             return json.load(file)
@@ -98,8 +74,8 @@ def _summary(path: str) -> dict:
 
 def run_sync(ranks: int, batch: int, threads: int, data: str, out: str, args) -> dict:
     program = [sys.executable, "-m", "distprop", "train", *train_flags(args, data, batch, threads, out)]
-    _run(launch_command(ranks, program, args), f"distprop train on {ranks} rank(s)", args.timeout)
-    summary = _summary(os.path.join(out, "summary.json"))
+    jobs.run(jobs.launch_command(ranks, program, args), f"distprop train on {ranks} rank(s)", args.timeout)
+    summary = read_summary(os.path.join(out, "summary.json"))
     return {"throughput": summary["samples_per_s"], "step_ms": summary["phases"]["step_s"]["max"] * 1e3,
             "phases_ms": {p: summary["phases"][f"{p}_s"]["max"] * 1e3 for p in PHASES}}
 
@@ -107,8 +83,8 @@ def run_sync(ranks: int, batch: int, threads: int, data: str, out: str, args) ->
 def run_baseline(ranks: int, batch: int, threads: int, data: str, out: str, args) -> dict:
     program = [sys.executable, "-m", "distprop.scaling.independent", "--threads", str(threads), "--",
                *train_flags(args, data, batch, threads, out)]
-    _run(launch_command(ranks, program, args), f"the {ranks}-rank no-communication baseline", args.timeout)
-    summaries = [_summary(os.path.join(out, f"rank-{r}", "summary.json")) for r in range(ranks)]
+    jobs.run(jobs.launch_command(ranks, program, args), f"the {ranks}-rank no-communication baseline", args.timeout)
+    summaries = [read_summary(os.path.join(out, f"rank-{r}", "summary.json")) for r in range(ranks)]
     return {"throughput": sum(s["samples_per_s"] for s in summaries),
             "step_ms": max(s["phases"]["step_s"]["max"] for s in summaries) * 1e3}
 

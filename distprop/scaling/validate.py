@@ -20,35 +20,19 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 from distprop.errors import UserError
-from distprop.launcher import job_environment, mpiexec_command
-from distprop.scaling import fabrics, workloads
+from distprop.scaling import fabrics, jobs, workloads
 from distprop.scaling.model import predict
 
 CALIBRATE = "distprop.scaling.calibrate"
 
 
 def calibration_job(ranks: int, out: str, args, extra=()) -> dict:
-    """Run the calibration program on `ranks` ranks (this machine, or the hosts of
-    --hostfile/--hosts through distprop launch); its JSON."""
+    """Run the calibration program on `ranks` ranks; its JSON."""
     program = [sys.executable, "-m", CALIBRATE, "--out", os.path.abspath(out), *extra]
-    if args.hostfile or args.hosts:
-        command = [sys.executable, "-m", "distprop", "launch", "-n", str(ranks),
-                   *(["--hostfile", args.hostfile] if args.hostfile else ["--hosts", args.hosts]), "--", *program]
-    else:
-        command = mpiexec_command(ranks, program)
-    timeout = args.timeout
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env=job_environment(PYTHONUNBUFFERED=1))
-    except subprocess.TimeoutExpired:
-        raise UserError(f"the {ranks}-rank calibration job did not finish within {timeout:g} s") from None
-    if result.returncode != 0:
-        raise UserError(f"the {ranks}-rank calibration job failed (exit {result.returncode}): "
-                        + (result.stderr.strip().splitlines() or ["no output"])[-1])
+    jobs.run(jobs.launch_command(ranks, program, args), f"the {ranks}-rank calibration job", args.timeout)
     with open(out) as file:
         return json.load(file)
 
