@@ -30,8 +30,8 @@ WORKER = "distprop.bench.scaling_worker"
 def configure(parser) -> None:
     parser.add_argument("--ranks", default="2,3", help="comma-separated rank counts compared with 1 rank")
     parser.add_argument("--batch", type=int, default=256, help="samples per rank per step")
-    parser.add_argument("--steps", type=int, default=20, help="steps per phase and round")
-    parser.add_argument("--rounds", type=int, default=5, help="alternations of the two phases per job")
+    parser.add_argument("--steps", type=int, default=10, help="steps per phase and round")
+    parser.add_argument("--rounds", type=int, default=10, help="alternations of the two phases per job")
     parser.add_argument("--repeats", type=int, default=3, help="jobs per framework and rank count")
     parser.add_argument("--transport", default=None, help="distprop's DataParallel transport (default: automatic)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch DDP reference")
