@@ -90,13 +90,15 @@ def test_resuming_is_bitwise_the_same_as_not_stopping(tmp_path, dataset, optimiz
 def test_extra_and_config_come_back_with_their_types(tmp_path):
     model = nn.Linear(3, 2)
     extra = {"trainer": {"epoch": 2, "done": False, "lr": 0.1 / 3, "history": [(1, 2.5), (2, None)]},
-             "by_index": {0: "a", 7: np.arange(3)}, "__array__": "not a tag", "weights": np.ones((2, 2))}
+             "by_index": {0: "a", 7: np.arange(3)}, "__array__": "not a tag", "weights": np.ones((2, 2)),
+             "count": np.array(3), "none": np.zeros((0, 4))}
     dp.save_checkpoint(tmp_path, model=model, step=5, extra=extra, config={"model": "linear"}, comm=COMM)
     checkpoint = dp.load_checkpoint(tmp_path, comm=COMM)
     got = checkpoint.extra
     assert got["trainer"] == extra["trainer"] and isinstance(got["trainer"]["history"][0], tuple)
     assert got["by_index"][0] == "a" and np.array_equal(got["by_index"][7], np.arange(3))
     assert got["__array__"] == "not a tag" and np.array_equal(got["weights"], np.ones((2, 2)))
+    assert got["count"].shape == () and got["count"] == 3 and got["none"].shape == (0, 4)
     assert checkpoint.config == {"model": "linear"} and checkpoint.world_size == 1
 
 
@@ -228,7 +230,10 @@ def test_pytorch_loads_model_safetensors_into_the_same_architecture(tmp_path):
         ours.eval()
         path = dp.save_checkpoint(tmp_path / type(ours).__name__, model=ours, step=0, comm=COMM)
         twin = twin_of(ours)
-        twin.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        loaded = load_file(os.path.join(path, "model.safetensors"))
+        shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
+        assert {key: tuple(value.shape) for key, value in loaded.items()} == shapes  # 0-d buffers stay 0-d
+        twin.load_state_dict(loaded)
         twin.eval()
         x = rng.standard_normal(shape).astype(np.float32)
         expected = ours(dp.tensor(x)).data

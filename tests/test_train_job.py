@@ -275,3 +275,35 @@ def test_toml_config_with_flags_overriding_it_and_plots(tmp_path, digits):
     for name in ("loss.png", "accuracy.png", "throughput.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert again.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [["resnet20", "--widths", 4, 8, "--blocks-per-stage", 1],
+                                   ["transformer", "--d-model", 16, "--nhead", 2, "--num-layers", 1,
+                                    "--dim-feedforward", 32, "--dropout", 0.1]])
+def test_the_other_models_train_and_resume(tmp_path, digits, model):
+    train(tmp_path, "--model", *model, "--steps", 4, "--data", digits)
+    result = train(tmp_path, "--resume", "--steps", 6)  # a longer job: the schedule restarts on the new length
+    assert "the schedule continues on the new curve" in result.stdout
+    final = summary(tmp_path)
+    assert final["step"] == 6 and 0 <= final["test_accuracy"] <= 1
+
+
+def test_inputs_are_prepared_as_each_model_reads_them():
+    import numpy as np
+
+    from distprop.data import ColumnSpec
+    from distprop.train.config import TrainConfig
+    from distprop.train.models import input_preparer
+
+    images = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    spec = ColumnSpec("image", np.dtype(np.uint8), (3, 4, 5))
+    as_mlp = input_preparer(TrainConfig(model="mlp"), spec)(images).data
+    assert as_mlp.dtype == np.float32 and np.allclose(as_mlp, images / 255)
+    rows = input_preparer(TrainConfig(model="transformer"), spec)(images).data  # a position per image row
+    assert rows.shape == (2, 4, 15) and np.allclose(rows[1, 2], images[1, :, 2, :].T.reshape(-1) / 255)
+    flat = ColumnSpec("image", np.dtype(np.float32), (4, 5))
+    assert input_preparer(TrainConfig(model="lenet"), flat)(np.zeros((2, 4, 5), np.float32)).shape == (2, 1, 4, 5)
+    tokens = ColumnSpec("tokens", np.dtype(np.int32), (7,))
+    ids = np.arange(14, dtype=np.int32).reshape(2, 7)
+    assert input_preparer(TrainConfig(model="transformer"), tokens)(ids).data is ids

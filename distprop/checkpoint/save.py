@@ -85,7 +85,8 @@ def _write(root, step, model, optimizer, scheduler, loader, extra, config, keep,
     from safetensors.numpy import save_file
 
     module = unwrap(model)
-    model_arrays = {key: np.ascontiguousarray(to_numpy(value)) for key, value in module.state_dict().items()}
+    # asarray, not ascontiguousarray: that one turns a 0-d buffer (num_batches_tracked) into shape (1,)
+    model_arrays = {key: np.asarray(to_numpy(value), order="C") for key, value in module.state_dict().items()}
     state = {"optimizer": optimizer.state_dict() if optimizer is not None else None,
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "extra": extra}

@@ -36,7 +36,7 @@ def _split(value, path: str, arrays: dict):
         name = path
         while name in arrays:  # a key containing a dot could spell another path
             name += "_"
-        arrays[name] = np.ascontiguousarray(to_numpy(value))
+        arrays[name] = np.asarray(to_numpy(value), order="C")  # keeps 0-d arrays 0-d
         return {ARRAY: name}
     if isinstance(value, np.generic):
         return value.item()
