@@ -307,3 +307,11 @@ def test_inputs_are_prepared_as_each_model_reads_them():
     tokens = ColumnSpec("tokens", np.dtype(np.int32), (7,))
     ids = np.arange(14, dtype=np.int32).reshape(2, 7)
     assert input_preparer(TrainConfig(model="transformer"), tokens)(ids).data is ids
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from distprop.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["plot", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "distprop plot: error: matplotlib is not installed: pip install 'distprop[plot]'\n"

@@ -64,11 +64,13 @@ class Checkpoint:
             if self.meta["loader"] is None:
                 raise CheckpointError(f"{self.path}: holds no loader position")
             loader.load_state_dict(self.meta["loader"])
+        if not rng_state:
+            return False
         comm = comm if comm is not None else runtime.current()
-        if rng_state and self.world_size == comm.size:
-            rng.restore(self.meta["rng"][comm.rank])
-            return True
-        return False
+        if self.world_size != comm.size:
+            return False
+        rng.restore(self.meta["rng"][comm.rank])
+        return True
 
     def _restore_model(self, module) -> None:
         ours = module.state_dict()

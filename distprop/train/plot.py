@@ -30,7 +30,7 @@ def run(args) -> int:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("distprop plot needs matplotlib: pip install 'distprop[plot]'") from None
+        raise UserError("matplotlib is not installed: pip install 'distprop[plot]'") from None
     labels = args.labels or _labels(args.runs)
     if len(labels) != len(args.runs):
         raise UserError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
