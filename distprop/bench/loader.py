@@ -1,5 +1,9 @@
 """`distprop bench loader`: the Arrow loader against raw pyarrow, and a training step
-fed by the loader against the same step on arrays already in memory.
+fed by the loader against the same step on arrays already in memory
+(``--suite arrays``, the default). ``--suite images`` measures decoding and
+augmenting JPEGs against PyTorch's DataLoader with torchvision (see
+`distprop.bench.loader_images`), ``--suite tokens`` packing token sequences against
+pyarrow reading them (see `distprop.bench.loader_tokens`).
 
 Both parts run on a synthetic dataset written at the start (or an existing one,
 ``--dir``), all in the same process, with the files in the page cache:
@@ -37,6 +41,11 @@ STEP_TARGET = 1.03
 
 
 def configure(parser) -> None:
+    from distprop.bench import loader_images, loader_tokens
+
+    parser.add_argument("--suite", choices=("arrays", "images", "tokens"), default="arrays",
+                        help="arrays: numeric tensors (default); images: JPEG decode and augmentation against "
+                             "PyTorch's DataLoader; tokens: packing against pyarrow")
     parser.add_argument("--samples", type=int, default=60000)
     parser.add_argument("--shape", default="3,32,32", help="per-sample tensor shape (float32)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -54,9 +63,16 @@ def configure(parser) -> None:
                              "usable cores, leaving a core to the loader's threads)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where the loader delivers batches and the step part trains")
+    loader_images.configure(parser)
+    loader_tokens.configure(parser)
 
 
 def run(args) -> int:
+    if args.suite != "arrays":
+        from distprop.bench import loader_images, loader_tokens
+
+        print(environment_note())
+        return (loader_images if args.suite == "images" else loader_tokens).run(args)
     from distprop.data import ArrowLoader, DatasetIndex
     from distprop.data.loader import default_read_threads, usable_cores
     from distprop.data.synthetic import write_synthetic

@@ -196,30 +196,31 @@ class PackedAssembler:
         token_starts = self.layout.token_starts
         starts = samples * length
         ids, labels = out["input_ids"], out["labels"]
-        boundaries = []
+        touched = set()  # blocks whose document starts the windows may cross
         for block, lo, hi in groups:
             tokens = block_of(block)[column]
             offsets = starts[lo:hi] - token_starts[block]
-            spanning = offsets + length + 1 > len(tokens.tokens)  # runs on into the next block(s)
-            if not spanning.all():
-                # Windows of L tokens over the block, as a view; window s's labels are the next one.
-                # mode="clip" writes straight into the output; spanning rows get clipped (wrong)
-                # windows here and are written again below.
-                windows = np.lib.stride_tricks.sliding_window_view(tokens.tokens, length)
-                np.take(windows, offsets, axis=0, out=ids[lo:hi], mode="clip")
-                np.take(windows, offsets + 1, axis=0, out=labels[lo:hi], mode="clip")
-            boundaries.append(tokens.starts[:-1] + token_starts[block])
-            for j in np.flatnonzero(spanning).tolist():
-                window, extra = self._spanning(int(starts[lo + j]), block, block_of)
-                ids[lo + j], labels[lo + j] = window[:-1], window[1:]
-                boundaries.extend(extra)
+            touched.add(block)
+            stream = tokens.tokens
+            for row, offset in enumerate(offsets.tolist(), lo):
+                if offset + length + 1 <= len(stream):
+                    # Two plain slice copies: measured faster than gathering through a
+                    # strided window view, which goes through a temporary.
+                    ids[row] = stream[offset:offset + length]
+                    labels[row] = stream[offset + 1:offset + length + 1]
+                else:  # runs on into the next block(s)
+                    window, last = self._spanning(int(starts[row]), block, block_of)
+                    ids[row], labels[row] = window[:-1], window[1:]
+                    touched.update(range(block + 1, last + 1))
         if "document_ids" in out or "positions" in out:
-            self._documents(starts, np.unique(np.concatenate(boundaries)), out)
+            # Blocks in dataset order hold T in order, so their starts concatenate sorted.
+            boundaries = np.concatenate([block_of(b)[column].starts[:-1] + token_starts[b] for b in sorted(touched)])
+            self._documents(starts, boundaries, out)
 
-    def _spanning(self, start: int, block: int, block_of) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The window at `start` gathered across blocks, and those blocks' document starts."""
+    def _spanning(self, start: int, block: int, block_of) -> tuple[np.ndarray, int]:
+        """The window at `start` gathered across blocks, and the last block it reaches."""
         token_starts, column = self.layout.token_starts, self.options.column
-        pieces, extra, stop = [], [], start + self.length + 1
+        pieces, stop = [], start + self.length + 1
         while start < stop:
             tokens = block_of(block)[column]
             offset = start - int(token_starts[block])
@@ -227,31 +228,33 @@ class PackedAssembler:
             if take > 0:
                 pieces.append(tokens.tokens[offset:offset + take])
                 start += take
-            extra.append(tokens.starts[:-1] + token_starts[block])
             block += 1
-        return np.concatenate(pieces), extra
+        return np.concatenate(pieces), block - 1
 
     def _documents(self, starts: np.ndarray, boundaries: np.ndarray, out: dict) -> None:
         """document_ids and positions of every window, from the sorted global start
-        offsets of all documents the windows touch: a window's document id steps up
-        at each start inside it; its position counts from the last start."""
+        offsets of all documents the windows touch. A window is cut into segments at the
+        document starts inside it; each output is written in one pass, segment by
+        segment (np.repeat): the segment's number, and its tokens' places counted from
+        the segment's document start."""
         count, length = len(starts), self.length
         first = np.searchsorted(boundaries, starts, side="right")   # the first start after each window's first token
-        last = np.searchsorted(boundaries, starts + length, side="left")
-        inside = last - first
-        window = np.repeat(np.arange(count), inside)
-        taken = np.arange(int(inside.sum())) - np.repeat(np.cumsum(inside) - inside, inside) + np.repeat(first, inside)
-        column = boundaries[taken] - starts[window]
+        inside = np.searchsorted(boundaries, starts + length, side="left") - first
+        segments = inside + 1
+        window = np.repeat(np.arange(count), segments)
+        number = np.arange(len(window)) - np.repeat(np.cumsum(segments) - segments, segments)  # 0, 1, .. per window
+        # The start column of each segment: 0, then each document start inside the window.
+        column = np.zeros(len(window), np.int64)
+        later = number > 0
+        column[later] = boundaries[np.repeat(first, segments)[later] + number[later] - 1] - starts[window[later]]
+        lengths = np.diff(np.append(column + window * length, count * length))
         if "document_ids" in out:
-            steps = np.zeros((count, length), np.int32)
-            steps[window, column] = 1
-            np.cumsum(steps, axis=1, out=out["document_ids"][:count])
+            out["document_ids"][:count] = np.repeat(number.astype(np.int32), lengths).reshape(count, length)
         if "positions" in out:
-            last_start = np.full((count, length), np.iinfo(np.int64).min // 2, np.int64)
-            last_start[:, 0] = boundaries[first - 1] - starts  # where the first token's document began (<= 0)
-            last_start[window, column] = column
-            np.maximum.accumulate(last_start, axis=1, out=last_start)
-            np.subtract(np.arange(length), last_start, out=out["positions"][:count], casting="unsafe")
+            # A window's first segment continues a document that began before it (a start <= 0).
+            begun = np.where(later, column, (boundaries[first - 1] - starts)[window])
+            places = np.tile(np.arange(length), count) - np.repeat(begun, lengths)
+            out["positions"][:count] = places.reshape(count, length)
 
 
 def fill_padded(tokens: TokenBlock, row: int, options: TokenOptions, out: dict[str, np.ndarray], j: int,

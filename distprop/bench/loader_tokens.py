@@ -1,0 +1,109 @@
+"""`distprop bench loader --suite tokens`: packing a tokenized corpus into windows
+against reading its token column with pyarrow alone.
+
+The corpus (``--megabytes`` of int32 token ids in a ``list<int32>`` column, document
+lengths log-normal around ``--mean-document`` tokens, GPT-2's vocabulary size) is
+written at the start. Each round, back to back, in this process, files in the page
+cache:
+
+* reference: ``pyarrow.parquet.read_table`` of the token column and its values as
+  one numpy array (what any packing must at least do);
+* distprop: one shuffled epoch of ``ArrowLoader(sequence_length=L, eos_token=...)``,
+  every window as ``input_ids``/``labels`` (+ ``document_ids``), in-process
+  (``num_workers=0``).
+
+Throughput is tokens per second; the ratio is distprop's over pyarrow's (target >=
+0.8), the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+TOKENS_TARGET = 0.8
+GPT2_VOCABULARY = 50257
+
+
+def configure(parser) -> None:
+    group = parser.add_argument_group("tokens suite")
+    group.add_argument("--megabytes", type=float, default=100.0, help="size of the token ids written (int32)")
+    group.add_argument("--mean-document", type=int, default=600, help="mean document length in tokens")
+    group.add_argument("--sequence-length", type=int, default=1024)
+    group.add_argument("--token-batch-size", type=int, default=32, help="windows per batch")
+    group.add_argument("--no-document-ids", action="store_true", help="measure without document_ids")
+
+
+def write_corpus(path: str, megabytes: float, mean_document: int, seed: int = 0) -> int:
+    """Write the synthetic corpus; returns its token count."""
+    import pyarrow as pa
+
+    from distprop.data.writer import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    target = int(megabytes * 1e6 / 4)
+    written = 0
+    sigma = 1.0
+    with DatasetWriter(path, row_group_size=1024) as writer:
+        while written < target:
+            lengths = np.maximum(1, rng.lognormal(np.log(mean_document) - sigma ** 2 / 2, sigma, 4096)).astype(np.int64)
+            lengths = lengths[np.cumsum(lengths) <= target - written] if lengths.sum() > target - written else lengths
+            if not len(lengths):
+                lengths = np.array([target - written])
+            values = rng.integers(0, GPT2_VOCABULARY - 1, int(lengths.sum()), dtype=np.int32)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            writer.write({"tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+            written += int(lengths.sum())
+    return written
+
+
+def run(args) -> int:
+    import pyarrow.parquet as pq
+
+    from distprop.data import ArrowLoader
+
+    workdir = tempfile.mkdtemp(prefix="distprop-bench-tokens-")
+    try:
+        path = f"{workdir}/corpus"
+        start = time.perf_counter()
+        tokens = write_corpus(path, args.megabytes, args.mean_document)
+        print(f"wrote {tokens} tokens ({tokens * 4 / 1e6:.0f} MB of int32 ids, documents of ~{args.mean_document} "
+              f"tokens, row groups of 1024 documents) in {time.perf_counter() - start:.1f} s")
+
+        def reference() -> int:
+            values = pq.read_table(path, columns=["tokens"], use_threads=False).column("tokens").combine_chunks()
+            return len(values.flatten().to_numpy())
+
+        def ours(epoch: int) -> int:
+            loader = ArrowLoader(path, args.token_batch_size, sequence_length=args.sequence_length,
+                                 eos_token=GPT2_VOCABULARY - 1, document_ids=not args.no_document_ids,
+                                 read_threads=1, seed=epoch)
+            return sum(batch["input_ids"].size for batch in loader)
+
+        ratios, rates = [], []
+        for round_number in range(args.rounds + 1):  # round 0 warms the page cache
+            begin = time.perf_counter()
+            reference_tokens = reference()
+            reference_time = time.perf_counter() - begin
+            begin = time.perf_counter()
+            our_tokens = ours(round_number)
+            our_time = time.perf_counter() - begin
+            if round_number:
+                rates.append((reference_tokens / reference_time, our_tokens / our_time))
+                ratios.append(rates[-1][1] / rates[-1][0])
+        reference_rate, our_rate = (float(np.median([r[i] for r in rates])) for i in (0, 1))
+        ratio = float(np.median(ratios))
+        print(f"\npacking into windows of {args.sequence_length} (+1) tokens, batch {args.token_batch_size}, "
+              f"{'without' if args.no_document_ids else 'with'} document_ids, end token appended, shuffled, "
+              f"one read thread; medians of {args.rounds} interleaved rounds")
+        print(f"  {'':44} {'Mtokens/s':>10}")
+        print(f"  {'pyarrow read_table + values to numpy':44} {reference_rate / 1e6:10.1f}")
+        print(f"  {'ArrowLoader packed epoch':44} {our_rate / 1e6:10.1f}")
+        print(f"  ratio packing / pyarrow read {ratio:.2f} (range {min(ratios):.2f}-{max(ratios):.2f}; "
+              f"target >= {TOKENS_TARGET}) {'ok' if ratio >= TOKENS_TARGET else 'BELOW TARGET'}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
