@@ -16,12 +16,18 @@ mpiexec="$(dirname "$(command -v python)")/mpiexec"
 oversubscribe=""
 if "$mpiexec" --version 2>&1 | grep -qi "open mpi\|openrte"; then oversubscribe="--oversubscribe"; fi
 
+# Every stage runs even when an earlier one failed, so one run shows every failure.
 start=$SECONDS
-python -m pytest -q --random-order-bucket=global "$@"
+failed=()
+python -m pytest -q --random-order-bucket=global "$@" || failed+=("single-process tests")
 # One rank has no reducer: the data-parallel tests mean something from two ranks on.
 for ranks in 2 3; do
   echo "== MPI tests on $ranks ranks"
   timeout -k 10 900 "$mpiexec" $oversubscribe -n "$ranks" \
-    python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests/
+    python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests/ || failed+=("MPI tests on $ranks ranks")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== tests/run.sh: FAILED: $(IFS=,; echo "${failed[*]}" | sed 's/,/, /g') ($((SECONDS - start)) s)"
+  exit 1
+fi
 echo "== tests/run.sh: all passed in $((SECONDS - start)) s"
