@@ -216,6 +216,21 @@ def test_retained_graph_walked_again_accumulates_despite_the_grad_buffer(device)
     np.testing.assert_array_equal(to_numpy(w.grad), np.full((2, 3), 4.0 + 12.0))
 
 
+def test_a_grad_buffer_of_another_shape_or_array_type_is_ignored():
+    x = dp.tensor(np.ones((4, 3)))
+
+    class Marked(np.ndarray):
+        pass
+
+    for buffer in (np.zeros((3, 2)), np.zeros((2, 3)).view(Marked)):
+        w = dp.tensor(np.ones((2, 3)), requires_grad=True)
+        w.grad_buffer = buffer
+        F.linear(x, w).sum().backward()
+        assert w.grad is not buffer and type(w.grad) is np.ndarray and w.grad.shape == (2, 3)
+        np.testing.assert_array_equal(w.grad, np.full((2, 3), 4.0))
+        assert not buffer.any()
+
+
 def test_a_grad_buffer_that_no_longer_fits_the_leaf_is_ignored(device):
     x = make(np.ones((4, 3)), device, requires_grad=False)
     w = make(np.ones((2, 3)), device)
@@ -335,9 +350,9 @@ def test_as_tensor_gives_numbers_the_dtype_and_device_of_their_partner():
 def test_grad_mode_nests_and_decorates():
     x = dp.tensor(np.ones(2), requires_grad=True)
     with dp.no_grad():
-        assert not dp.is_grad_enabled() and not (x * 2).requires_grad
+        assert dp.is_grad_enabled() is False and (x * 2).requires_grad is False
         with dp.enable_grad():
-            assert dp.is_grad_enabled() and (x * 2).requires_grad
+            assert dp.is_grad_enabled() is True and (x * 2).requires_grad
         assert not dp.is_grad_enabled()
     assert dp.is_grad_enabled()
 
@@ -368,12 +383,13 @@ def test_grad_mode_is_per_thread():
 def test_zero_grads_drops_or_zeroes_in_place():
     from distprop.autograd import zero_grads
 
-    a, b, c = (dp.tensor(np.ones(2), requires_grad=True) for _ in range(3))
-    a.grad, b.grad = np.ones(2), np.full(2, 5.0)
+    a, b, c, d = (dp.tensor(np.ones(2), requires_grad=True) for _ in range(4))
+    a.grad, b.grad, d.grad = np.ones(2), np.full(2, 5.0), np.ones(2)
     kept = b.grad
-    zero_grads([a, c], set_to_none=True)
-    zero_grads([b], set_to_none=False)
+    zero_grads([c, a])  # dropped by default; one without a gradient does not stop the rest
+    zero_grads([c, b], set_to_none=False)
     assert a.grad is None and c.grad is None and b.grad is kept and not kept.any()
+    assert d.grad is not None
 
 
 def test_hook_registration_rules():
@@ -549,6 +565,20 @@ def test_callbacks_run_in_order_and_may_queue_more():
     assert order == ["first", "second", "third"]
     with pytest.raises(RuntimeError, match=r"^queue_callback\(\) called outside of a backward pass$"):
         queue_callback(lambda: None)
+    import threading
+
+    errors = []  # also in a thread that never ran a backward pass
+
+    def outside():
+        try:
+            queue_callback(lambda: None)
+        except Exception as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=outside)
+    thread.start()
+    thread.join()
+    assert [type(e) for e in errors] == [RuntimeError]
 
 
 def test_a_backward_inside_a_callback_keeps_the_outer_pass_callbacks():
