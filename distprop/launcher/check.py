@@ -78,10 +78,11 @@ def _seconds(comm, function) -> float:
     return comm.allreduce(time.perf_counter() - start, "max")
 
 
-def bandwidth(comm, nbytes: int, xp, raw: bool) -> tuple[float | None, float]:
-    """Median seconds of one allreduce of `nbytes` float32: (raw mpi4py or None, distprop).
-    The two take turns, each first every other time, so that a busy neighbour and the
-    order of the calls weigh on both alike."""
+def bandwidth(comm, nbytes: int, xp, raw: bool) -> tuple[float | None, float, float | None]:
+    """One allreduce of `nbytes` float32, distprop's and (with `raw`) mpi4py's:
+    (raw median seconds or None, distprop's median seconds, median of raw/distprop
+    over the pairs or None). The two take turns, each first every other time, and
+    each pair is compared within itself: a busy neighbour slows both of a pair alike."""
     from distprop import backend
 
     buffer = xp.zeros(nbytes // 4, dtype=np.float32)  # zeros: repeated sums never overflow
@@ -98,9 +99,11 @@ def bandwidth(comm, nbytes: int, xp, raw: bool) -> tuple[float | None, float]:
         order = (mpi4py_allreduce, ours) if i % 2 == 0 else (ours, mpi4py_allreduce)
         for function in order if raw else (ours,):
             times[function].append(_seconds(comm, function))
-    median = {function: float(np.median(samples[WARMUP:])) if samples else None
-              for function, samples in times.items()}
-    return median[mpi4py_allreduce], median[ours]
+    ours_s = float(np.median(times[ours][WARMUP:]))
+    if not raw:
+        return None, ours_s, None
+    raw_s = np.array(times[mpi4py_allreduce][WARMUP:])
+    return float(np.median(raw_s)), ours_s, float(np.median(raw_s / np.array(times[ours][WARMUP:])))
 
 
 def _gbps(nbytes: int, seconds: float | None, factor: float) -> str:
@@ -139,12 +142,13 @@ def main() -> int:
         say("allreduce bus bandwidth: needs 2 ranks or more")
     elif not failures:
         factor = 2 * (comm.size - 1) / comm.size  # bus bandwidth, as nccl-tests defines it for allreduce
-        say(f"allreduce bus bandwidth, float32, median of {ITERATIONS} (slowest rank each time):")
+        say(f"allreduce bus bandwidth, float32, medians of {ITERATIONS} calls (slowest rank's time); "
+            "distprop/mpi4py over calls made in pairs:")
         say(f"  {'size':>7} {'buffers':>8} {'mpi4py GB/s':>12} {'distprop GB/s':>14} {'distprop/mpi4py':>16}")
         for nbytes in SIZES:
             for kind, xp in buffers:
-                raw, ours = bandwidth(comm, nbytes, xp, raw=kind == "host")
-                ratio = "-" if raw is None else f"{raw / ours:.2f}"
+                raw, ours, paired = bandwidth(comm, nbytes, xp, raw=kind == "host")
+                ratio = "-" if paired is None else f"{paired:.2f}"
                 say(f"  {nbytes // 2**20:>4} MB {kind:>8} {_gbps(nbytes, raw, factor):>12} "
                     f"{_gbps(nbytes, ours, factor):>14} {ratio:>16}")
     say("check failed: " + "; ".join(failures) if failures else "check passed")
