@@ -22,10 +22,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True)
 settings.register_profile("explore", deadline=None)
+# tests/mutation.sh: a failing example is enough to catch a mutant; shrinking it to
+# the simplest one would re-run the test hundreds of times.
+settings.register_profile("mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile("ci")
 
 ACCEPTED_SKIPS = ("GPU:", "platform:", "privileges:")

@@ -79,7 +79,7 @@ run_group() {
     # A test still running after 60 s fails (a mutant that loops forever is caught there, not
     # after mutmut's own limit: 15 times the estimated time of all its tests).
     echo "pytest_add_cli_args ="
-    printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=ci --timeout=60
+    printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=mutation --timeout=60
   } > setup.cfg
   shopt -u nullglob
   echo "== mutation: $group ($(date -u +%FT%TZ), $jobs at a time, in $dir)"
