@@ -2,6 +2,7 @@
 installed (CI runs this file under Open MPI and again under MPICH). Every job has a
 hard timeout."""
 
+import ast
 import os
 import signal
 import subprocess
@@ -159,3 +160,18 @@ def test_check_on_two_ranks():
     assert [row[:3] for row in rows] == [["8", "MB", "host"], ["64", "MB", "host"]]
     assert all(float(value) > 0 for row in rows for value in row[3:])
     assert lines[-1] == "check passed"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="platform: no CPU affinity to read")
+def test_bind_core_gives_each_rank_cores_of_its_own():
+    from distprop.launcher.node import physical_cores
+
+    ranks = min(2, physical_cores())
+    program = "import os; print(sorted(os.sched_getaffinity(0)))"
+    bound = distprop_launch("-n", str(ranks), "--bind", "core", "--", sys.executable, "-c", program)
+    assert bound.returncode == 0, bound.stderr
+    sets = [set(ast.literal_eval(line)) for line in bound.stdout.splitlines()]
+    assert len(sets) == ranks and all(sets)
+    assert len(set.union(*sets)) == sum(map(len, sets))  # no CPU shared between ranks
+    unbound = distprop_launch("-n", str(ranks), "--bind", "none", "--", sys.executable, "-c", program)
+    assert [set(ast.literal_eval(line)) for line in unbound.stdout.splitlines()] == [os.sched_getaffinity(0)] * ranks
