@@ -76,6 +76,9 @@ run_group() {
     echo "only_mutate ="; for m in "${mutate[@]}"; do echo "    $m"; done
     if [ ${#skip[@]} -gt 0 ]; then echo "do_not_mutate ="; printf '    %s\n' "${skip[@]}"; fi
     echo "pytest_add_cli_args_test_selection ="; for t in "${tests[@]}"; do [ -e "$t" ] && echo "    $t"; done
+    # Each mutant runs in a process forked from one that only collected the tests: forked
+    # after tests ran, children inherit OpenMP/BLAS thread pools (torch's) that deadlock.
+    echo "process_isolation = forkserver"
     # A test still running after 60 s fails (a mutant that loops forever is caught there, not
     # after mutmut's own limit: 15 times the estimated time of all its tests).
     echo "pytest_add_cli_args ="
