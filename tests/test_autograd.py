@@ -505,6 +505,21 @@ def test_an_input_whose_op_gives_no_gradient_gets_none_and_no_hook():
     b.register_post_accumulate_grad_hook(lambda t: fired.append(t))
     FirstOnly()(a, b * 1).sum().backward()  # b's path ends at an op that gives it nothing
     assert np.array_equal(a.grad, [1, 1]) and b.grad is None and fired == []
+    FirstOnly()(a, b).sum().backward()  # and straight from the op
+    assert np.array_equal(a.grad, [2, 2]) and b.grad is None and fired == []
+
+
+def test_hooks_below_a_diamond_fire_once_with_the_complete_gradient():
+    x = dp.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    seen = []
+    x.register_post_accumulate_grad_hook(lambda t: seen.append(t.grad.copy()))
+    shared = x * 3  # reached from the root along two paths
+    left, right = shared * 2, shared.exp()
+    (left.sum() + right.sum()).backward()
+    expected = 6 + 3 * np.exp(3 * np.array([1.0, 2.0]))
+    assert len(seen) == 1
+    np.testing.assert_allclose(seen[0], expected, rtol=1e-14)
+    np.testing.assert_allclose(x.grad, expected, rtol=1e-14)
 
 
 def test_one_array_returned_for_two_inputs_is_not_shared_between_their_gradients():
