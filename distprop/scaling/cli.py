@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--warmup", type=int, default=10, help="steps left out of the timings")
     sweep.add_argument("--repeats", type=int, default=2,
                        help="runs per rank count (medians are reported); lr-scaling: seeds")
-    sweep.add_argument("--epochs", type=int, default=10, help="lr-scaling: epochs of every run")
+    sweep.add_argument("--epochs", type=int, default=20, help="lr-scaling: epochs of every run")
     sweep.add_argument("--warmup-epochs", type=float, default=2.0, help="lr-scaling: epochs of gradual warmup")
     sweep.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores / ranks per node)")
     sweep.add_argument("--no-baseline", action="store_true", help="skip the no-communication baseline runs")
