@@ -177,9 +177,9 @@ def _check_equivalence(comm, wrap, make_model, seed, make_batch, global_batch, s
     mine = slice(comm.rank * share, (comm.rank + 1) * share)
 
     def worst_error():
-        pairs = list(zip(replica.parameters(), reference.parameters()))
+        pairs = [(p.data, q.data) for p, q in zip(replica.parameters(), reference.parameters())]
         pairs += list(zip(replica.buffers(), reference.buffers()))
-        return max(_relative_error(to_numpy(getattr(p, "data", p)), to_numpy(getattr(q, "data", q))) for p, q in pairs)
+        return max(_relative_error(to_numpy(a), to_numpy(b)) for a, b in pairs)
 
     agree(comm, worst_error() == 0.0, "right after wrapping, the replica differs from rank 0's model")
     x, _ = (to_device(a, device) for a in make_batch(rng, global_batch))
