@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 
@@ -60,6 +61,7 @@ def run(args) -> int:
                 if ranks == 1 and not rule:
                     continue  # one rank: the rule changes nothing
                 out = os.path.join(args.out, "runs", f"{ranks}-ranks-{'rule' if rule else 'plain'}-seed{seed}")
+                shutil.rmtree(out, ignore_errors=True)  # a rerun starts afresh, never resumes
                 program = [sys.executable, "-m", "distprop", "train", *_flags(args, data, ranks, seed, rule, out)]
                 jobs.run(jobs.launch_command(ranks, program, args), f"distprop train on {ranks} rank(s)", args.timeout)
                 summary = read_summary(os.path.join(out, "summary.json"))

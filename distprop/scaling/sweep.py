@@ -28,6 +28,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -133,8 +134,9 @@ def run(args) -> int:
             where = os.path.join(args.out, "runs", f"{ranks}-ranks-{repeat}")
             kinds = [("sync", run_sync)] + ([] if args.no_baseline else [("baseline", run_baseline)])
             for kind, runner in kinds:
-                result = runner(ranks, batches[ranks], threads, data, where + ("-baseline" if kind == "baseline" else ""),
-                                args)
+                run_dir = where + ("-baseline" if kind == "baseline" else "")
+                shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts afresh, never resumes
+                result = runner(ranks, batches[ranks], threads, data, run_dir, args)
                 runs.append({"ranks": ranks, "repeat": repeat, "kind": kind, "per_rank_batch": batches[ranks],
                              "threads": threads, **result})
                 print(f"{ranks} rank(s), run {repeat + 1}/{args.repeats}, {kind}: "
