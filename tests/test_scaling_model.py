@@ -177,7 +177,7 @@ def test_reference_workloads_have_the_published_sizes():
         workloads.reference("vgg")
 
 
-def test_alpha_beta_fit_recovers_exact_and_noisy_lines():
+def test_alpha_beta_fit_recovers_exact_noisy_and_shaped_lines():
     sizes = [4096 * 4 ** i for i in range(7)]
     alpha, beta = fit_alpha_beta([(n, 20e-6 + n / 5e9) for n in sizes])
     assert alpha == pytest.approx(20e-6, rel=1e-6) and beta == pytest.approx(1 / 5e9, rel=1e-6)
@@ -185,3 +185,8 @@ def test_alpha_beta_fit_recovers_exact_and_noisy_lines():
     noisy = [(n, (20e-6 + n / 5e9) * (1 + 0.05 * rng.standard_normal())) for n in sizes]
     alpha, beta = fit_alpha_beta(noisy)
     assert alpha == pytest.approx(20e-6, rel=0.2) and beta == pytest.approx(1 / 5e9, rel=0.2)
+    # measured on a veth shaped to 1 Gb/s by tbf: small messages wait for the next tick
+    shaped = [(4096, 0.0080), (16384, 0.0080), (65536, 0.0081), (262144, 0.0240), (1048576, 0.0242),
+              (4194304, 0.0490), (16777216, 0.2074)]
+    alpha, beta = fit_alpha_beta(shaped)
+    assert 1 / beta == pytest.approx(80e6, rel=0.25) and 0 <= alpha < 0.02

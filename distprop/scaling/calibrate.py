@@ -3,7 +3,7 @@
 Run on every rank of a job (`distprop scale --calibrate` starts it):
 - each gradient transport's time for one bucket, 4 KB to 16 MB, ranks starting
   together (the slowest rank's time, median of repeats), fitted to t = alpha +
-  n * beta by least squares on relative error ('shm': distprop's shared-memory
+  n * beta (see fit_alpha_beta) ('shm': distprop's shared-memory
   reduction; 'mpi': a blocking MPI allreduce, the path between nodes);
 - the workload with no communication, every rank at once (so the ranks contend
   for the machine as in a real job): forward, backward and optimizer times, when
@@ -31,13 +31,21 @@ CAP_BYTES, FIRST_CAP_BYTES, INPLACE_BYTES = 25 * 2 ** 20, 2 ** 20, 2 ** 20  # Da
 
 
 def fit_alpha_beta(points) -> tuple[float, float]:
-    """alpha, beta minimising the squared relative error of alpha + n * beta
-    against the measured (n, seconds): small messages count as much as large ones."""
-    sizes = np.array([n for n, _ in points], float)
-    seconds = np.array([t for _, t in points], float)
-    design = np.stack([1 / seconds, sizes / seconds], axis=1)  # (alpha + n beta) / t = 1
-    (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
-    return max(float(alpha), 0.0), max(float(beta), 0.0)
+    """alpha, beta of t = alpha + n * beta from measured (n, seconds): beta is the
+    least-squares slope over the larger half of the sizes (where bandwidth rules),
+    alpha the median of t - n * beta over the smaller half (where latency rules).
+    A fit of all points at once lets a few flat small-message times (a shaped link
+    releases packets in ticks) pull the slope down to nothing."""
+    ordered = sorted(points)
+    half = len(ordered) // 2
+    large = np.array(ordered[half:], float)
+    if len(large) >= 2:
+        beta = float(np.polyfit(large[:, 0], large[:, 1], 1)[0])
+    else:
+        beta = ordered[-1][1] / ordered[-1][0]
+    beta = max(beta, 0.0)
+    alpha = float(np.median([t - n * beta for n, t in ordered[:max(half, 1)]]))
+    return max(alpha, 0.0), beta
 
 
 def _slowest(comm, seconds: float) -> float:
