@@ -45,9 +45,10 @@ def test_images_decode_to_hwc_uint8_as_pillow_does(tmp_path, format, hf_struct):
     for label, sample in by_label(loader).items():
         reference = np.asarray(pillow(blobs[label]).resize((32, 32), Image.BILINEAR))
         difference = np.abs(sample["image"].astype(int) - reference.astype(int))
-        # libjpeg-turbo and Pillow's libjpeg may round the IDCT differently
+        # JPEGs: distprop decodes with the fast integer DCT and plain chroma upsampling
         assert sample["image"].dtype == np.uint8 and sample["image"].shape == (32, 32, 3)
-        assert difference.max() <= (6 if format == "JPEG" else 0), (format, difference.max())
+        assert difference.max() <= (12 if format == "JPEG" else 0), (format, difference.max())
+        assert difference.mean() <= (2 if format == "JPEG" else 0), (format, difference.mean())
 
 
 def test_to_tensor_and_normalize_match_the_formula(tmp_path):

@@ -9,16 +9,23 @@ Typical use::
         loader.set_epoch(epoch)
         for batch in loader:
             step(batch["image"], batch["label"])
+
+Encoded images with ``image_transforms=[...]`` from `distprop.data.transforms`,
+token sequences with ``sequence_length=``, worker processes with ``num_workers=``:
+see `ArrowLoader`.
 """
 
 from distprop.data.converters import convert_cifar10, convert_csv, convert_digits, convert_mnist, convert_npz
 from distprop.data.format import ColumnSpec
+from distprop.data.image_folder import convert_image_folder
 from distprop.data.index import DatasetIndex
-from distprop.data.loader import ArrowLoader
+from distprop.data.loader import ArrowLoader, DataWarning
+from distprop.data.text_corpus import convert_text
 from distprop.data.synthetic import write_synthetic
 from distprop.data.writer import DatasetWriter, write_dataset
 
 __all__ = [
-    "ArrowLoader", "ColumnSpec", "DatasetIndex", "DatasetWriter", "write_dataset",
+    "ArrowLoader", "ColumnSpec", "DataWarning", "DatasetIndex", "DatasetWriter", "write_dataset",
     "convert_digits", "convert_mnist", "convert_cifar10", "convert_npz", "convert_csv", "write_synthetic",
+    "convert_image_folder", "convert_text",
 ]

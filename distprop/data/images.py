@@ -119,7 +119,7 @@ class ImageDecoder:
         try:
             # min_factor with the sizes at exactly that factor: libjpeg-turbo decodes at 1/factor.
             array = simplejpeg.decode_jpeg(data, colorspace="GRAY" if self.channels == 1 else "RGB",
-                                           min_factor=factor, min_height=-(-height // factor) if factor > 1 else 0,
+                                           fastdct=True, fastupsample=True, min_factor=factor, min_height=-(-height // factor) if factor > 1 else 0,
                                            min_width=-(-width // factor) if factor > 1 else 0)
         except ValueError as error:  # corrupt data; truncation too, since strict=True is the default
             raise ImageError(f"is a corrupt or truncated JPEG ({error})") from None

@@ -363,6 +363,9 @@ class ArrowLoader:
             self._probed = True
 
     def _workers(self):
+        if self._pool is not None and self._pool.broken:  # a worker died in an earlier epoch
+            self._pool.close()
+            self._pool = None
         if self._pool is None:
             from distprop.data.worker_pool import WorkerPool  # only runs with workers need it
 

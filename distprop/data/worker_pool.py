@@ -51,6 +51,7 @@ class WorkerPool:
         self.offsets, slot_bytes = slot_layout(spec.outputs, batch_size)
         self.slots = SharedSlots(slots, slot_bytes)
         self.generation = 0
+        self.broken = False  # a worker died: the loader starts a new pool for the next epoch
         self.outstanding: dict[int, set] = {}   # worker -> {(generation, slot)} handed out, not yet answered
         self.processes: list[subprocess.Popen] = []
         self.connections: list[Connection] = []
@@ -151,6 +152,7 @@ class WorkerPool:
             return reply
 
     def _death(self, worker: int, batch: int, rows: BatchRows, describe_epoch: str) -> str:
+        self.broken = True
         process = self.processes[worker]
         try:
             code = process.wait(timeout=_STOP_WAIT_S)
@@ -175,6 +177,7 @@ class WorkerPool:
                 try:
                     reply = self.connections[worker].recv()
                 except (EOFError, OSError):
+                    self.broken = True
                     raise DataError(f"{self.spec.index.location.display}: data worker {worker} (pid "
                                     f"{self.processes[worker].pid}) died between epochs") from None
                 owed.discard((reply[1], reply[3]))
