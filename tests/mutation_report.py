@@ -1,4 +1,4 @@
-"""Summarise a mutmut run (run from its directory; tests/mutation.sh does).
+r"""Summarise a mutmut run (run from its directory; tests/mutation.sh does).
 
 Prints, per mutated file: mutants tried, detected (a test failed or timed out),
 surviving mutants listed as equivalent in the equivalents file, and the score
@@ -14,13 +14,24 @@ The equivalents file holds blocks separated by blank lines:
 
 A block matches a survivor of that file and function whose diff removes exactly
 the "-" lines and adds exactly the "+" lines (whitespace at the ends ignored).
+
+A rule covers one kind of mutant wherever it occurs: path and function are globs,
+"-~" a regular expression for the one line removed and "+~" the line added instead
+(with \1, \2 ... from the expression):
+
+    distprop/* *
+      -~ (.*)get_array_module\((?!None\))[^()]*\)(.*)
+      +~ \1get_array_module(None)\2
+      why: ...
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-from collections import Counter, defaultdict
+import fnmatch
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +47,24 @@ UNDETECTED = {"survived", "no tests", "suspicious"}
 
 @dataclass
 class Equivalent:
-    path: str
-    function: str
-    removed: tuple[str, ...]
-    added: tuple[str, ...]
+    path: str  # a glob for rules
+    function: str  # a glob for rules
+    removed: tuple[str, ...]  # for a rule: one regular expression
+    added: tuple[str, ...]  # for a rule: one template
     why: str
     where: str  # line of the equivalents file, for messages
+    rule: bool = False
     matched: int = 0
+
+    def matches(self, path: str, function: str, removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
+        if not self.rule:
+            return (self.path, self.function, self.removed, self.added) == (path, function, removed, added)
+        if not (fnmatch.fnmatchcase(path, self.path) and fnmatch.fnmatchcase(function, self.function)):
+            return False
+        if len(removed) != 1 or len(added) != 1:
+            return False
+        found = re.fullmatch(self.removed[0], removed[0])
+        return bool(found) and found.expand(self.added[0]) == added[0]
 
 
 @dataclass
@@ -76,10 +98,13 @@ def _parse_block(block: list[str], where: str) -> Equivalent:
     header = block[0].split()
     if len(header) != 2 or block[0][0].isspace():
         raise SystemExit(f"{where}: expected 'path function' on the first line, got {block[0]!r}")
-    removed, added, why = [], [], []
+    removed, added, why, rule = [], [], [], False
     for line in block[1:]:
         text = line.strip()
-        if text.startswith("- "):
+        if text.startswith(("-~ ", "+~ ")):
+            rule = True
+            (removed if text[0] == "-" else added).append(text[3:].strip())
+        elif text.startswith("- "):
             removed.append(text[2:].strip())
         elif text.startswith("+ "):
             added.append(text[2:].strip())
@@ -91,7 +116,9 @@ def _parse_block(block: list[str], where: str) -> Equivalent:
             raise SystemExit(f"{where}: lines start with '- ', '+ ' or 'why:', got {text!r}")
     if not why or not (removed or added):
         raise SystemExit(f"{where}: an entry needs '-'/'+' lines and a 'why:'")
-    return Equivalent(header[0], header[1], tuple(removed), tuple(added), " ".join(why), where)
+    if rule and (len(removed), len(added)) != (1, 1):
+        raise SystemExit(f"{where}: a rule has one '-~' and one '+~' line")
+    return Equivalent(header[0], header[1], tuple(removed), tuple(added), " ".join(why), where, rule)
 
 
 def function_name(mutant: str) -> str:
@@ -113,9 +140,6 @@ def main() -> None:
     parser.add_argument("--minutes", type=int, default=None, help="how long the run took, for the summary")
     args = parser.parse_args()
     equivalents = read_equivalents(args.equivalents)
-    by_place = defaultdict(list)
-    for entry in equivalents:
-        by_place[entry.path, entry.function].append(entry)
 
     scores: dict[str, FileScore] = {}
     statuses = Counter()
@@ -135,7 +159,7 @@ def main() -> None:
             function = function_name(mutant)
             diff = get_diff_for_mutant(mutant, path=path)
             removed, added = changed_lines(diff)
-            listed = [e for e in by_place[str(path), function] if (e.removed, e.added) == (removed, added)]
+            listed = [e for e in equivalents if e.matches(str(path), function, removed, added)]
             for entry in listed:
                 entry.matched += 1
             if listed and status in UNDETECTED:
@@ -161,7 +185,7 @@ def main() -> None:
     print("statuses: " + ", ".join(f"{status} {count}" for status, count in sorted(statuses.items())))
     for mutant, status, diff in total.open:
         print(f"\n--- {status}: {mutant}\n{diff.rstrip()}")
-    stale = [e for e in equivalents if not e.matched and any(e.path == p for p in scores)]
+    stale = [e for e in equivalents if not e.matched and not e.rule and e.path in scores]
     for entry in stale:
         print(f"\nlisted as equivalent but matched no mutant ({entry.where}): {entry.path} {entry.function} "
               f"{entry.removed} -> {entry.added}")
