@@ -190,3 +190,10 @@ def test_alpha_beta_fit_recovers_exact_noisy_and_shaped_lines():
               (4194304, 0.0490), (16777216, 0.2074)]
     alpha, beta = fit_alpha_beta(shaped)
     assert 1 / beta == pytest.approx(80e6, rel=0.25) and 0 <= alpha < 0.02
+
+
+def test_contention_scales_only_what_the_step_pays_for_communication():
+    work, fab = _workload(), fabrics.preset("eth-25")
+    plain, slowed = (predict(work, fab, "ring", 64, contention=c) for c in (1.0, 2.0))
+    assert slowed.exposed_s == pytest.approx(2 * plain.exposed_s)
+    assert slowed.step_s - slowed.exposed_s == pytest.approx(plain.step_s - plain.exposed_s)

@@ -86,10 +86,12 @@ def exposed_time(ready_times, reduction_times, backward_end: float) -> float:
 
 def predict(workload, fabric: Fabric, algorithm: str, ranks: int, *, bucket_mb: float = 25.0,
             first_bucket_mb: float = 1.0, buckets=None, kappa: float = 1.0, sigma: float = 0.0,
-            host: Host | None = None) -> Prediction:
+            host: Host | None = None, contention: float = 1.0) -> Prediction:
     """Step time at `ranks` ranks. buckets: (bytes, ready) per bucket instead of the
     workload's measured ones or its gradients bucketed by bucket_mb. host: CPU ranks
-    (see the module docstring)."""
+    (see the module docstring). contention: how much longer communication takes
+    inside a step than alone (competing for cores, memory and links), fitted where
+    a synchronised step was measured."""
     if buckets is None and workload.buckets is not None:
         buckets = workload.buckets
     if buckets is None:
@@ -106,7 +108,8 @@ def predict(workload, fabric: Fabric, algorithm: str, ranks: int, *, bucket_mb: 
             on_cores = [node_local(size, g, fabric) for size, _ in buckets] if ranks > 1 else []
     on_wire = [total - cpu for total, cpu in zip(reductions, on_cores)]
     ready = [crowding * (before_backward + backward * when) for _, when in buckets]
-    exposed = crowding * sum(on_cores) + exposed_time(ready, on_wire, crowding * (before_backward + backward))
+    exposed = contention * (crowding * sum(on_cores)
+                            + exposed_time(ready, on_wire, crowding * (before_backward + backward)))
     jitter = sigma * math.sqrt(2 * math.log(ranks)) if ranks > 1 else 0.0
     step = crowding * compute + exposed + jitter
     alone = workload.single_rank_s or workload.compute_s * (host.oversubscription(1) if host is not None else 1)

@@ -80,10 +80,17 @@ def workload_of(calibration: dict):
     return replace(workload, data_s=rest)
 
 
-def predicted_steps(calibration: dict, ranks) -> dict[int, float]:
+def predicted_steps(calibration: dict, ranks) -> tuple[dict[int, float], float]:
+    """The step at each rank count, and the contention factor fitted on the
+    calibration's own synchronised step (communication inside a step against the
+    transports timed alone)."""
     workload = workload_of(calibration)
     host, fabric = fabrics.measured_host(calibration), fabrics.shm_fabric(calibration)
-    return {p: predict(workload, fabric, "hier", p, host=host).step_s for p in ranks}
+    fitted = predict(workload, fabric, "hier", calibration["ranks"], host=host)
+    paid = calibration["workload"]["sync_step_s"] - (fitted.step_s - fitted.exposed_s)
+    contention = max(paid / fitted.exposed_s, 0.0) if fitted.exposed_s > 0 else 1.0
+    return {p: predict(workload, fabric, "hier", p, host=host, contention=contention).step_s
+            for p in ranks}, contention
 
 
 def run_validate(args) -> int:
@@ -102,11 +109,13 @@ def run_validate(args) -> int:
     rows = []
     for i, fit in enumerate(fits):
         fit["single_rank_step_s"] = measured[1][i]
-        for ranks, step in predicted_steps(fit, predicted_ranks).items():
-            rows.append({"repeat": i, "ranks": ranks, "predicted_step_s": step, "measured_step_s": measured[ranks][i],
+        steps, contention = predicted_steps(fit, predicted_ranks)
+        for ranks, step in steps.items():
+            rows.append({"repeat": i, "ranks": ranks, "contention": contention, "predicted_step_s": step, "measured_step_s": measured[ranks][i],
                          "error": step / measured[ranks][i] - 1})
     print(describe_calibration(fits[0]))
-    print(f"1 rank alone: {statistics.median(measured[1]) * 1e3:.2f} ms per step")
+    print(f"1 rank alone: {statistics.median(measured[1]) * 1e3:.2f} ms per step; communication inside a step "
+          f"takes {statistics.median(r['contention'] for r in rows):.2f}x its time alone (fitted at 2 ranks)")
     print(f"{'ranks':>5} {'predicted ms':>12} {'measured ms':>11} {'error':>7} {'efficiency pred/meas':>21}"
           f"   (fitted on 2 ranks; {repeats} repeat(s), medians)")
     summary = {}
