@@ -7,12 +7,14 @@
 #   bash tests/mutation.sh [GROUP...]      GROUP: autograd functional optim parallel data
 #                                          (default: all five, one after the other)
 #
-# Each group runs in a fresh copy of this working tree under $MUTATION_DIR
-# (default /tmp/distprop-mutation/GROUP), at most $MUTATION_JOBS mutants at a time
-# (default 2), and the MPI tests run on 2 ranks as part of it (tests/mutation_mpi.py).
-# tests/mutation_report.py then prints the score of every file and each surviving
-# mutant that tests/mutation_equivalents.txt does not list as equivalent; the
-# summary goes to $MUTATION_DIR/GROUP/report.txt. Needs mutmut 3.8 and pytest-timeout
+# Each run mutates one part of the core against the tests written for it (the
+# functional ops one module at a time, each against its own test files), in a fresh
+# copy of this working tree under $MUTATION_DIR (default /tmp/distprop-mutation),
+# at most $MUTATION_JOBS mutants at a time (default 2); the MPI tests run on 2 ranks
+# as part of it (tests/mutation_mpi.py). tests/mutation_report.py then prints the
+# score of every file and each surviving mutant that tests/mutation_equivalents.txt
+# does not list as equivalent (RUN/report.txt), and at the end one table for all
+# runs (summary.txt). Needs mutmut 3.8 and pytest-timeout
 # (pip install -e ".[test,mutation]").
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -33,10 +35,19 @@ configure() {
       mutate=(distprop/autograd.py)
       tests=(tests/test_autograd.py tests/test_functional_{arithmetic,reductions,shapes,elementwise,activations}.py
              tests/test_nn_module.py) ;;
-    functional)
-      mutate=("distprop/functional/*")
-      tests=(tests/test_functional_*.py tests/test_autograd.py tests/test_nn_layers.py tests/test_nn_normalization.py
-             tests/test_nn_transformer.py) ;;
+    functional/*)
+      local module="${1#functional/}"
+      mutate=("distprop/functional/$module.py")
+      case "$module" in  # the op tests of the module, and the layer tests built on it
+        arithmetic|linear) tests=("tests/test_functional_$module.py" tests/test_functional_shape_errors.py) ;;
+        broadcast) tests=(tests/test_functional_arithmetic.py tests/test_functional_reductions.py) ;;
+        attention) tests=(tests/test_functional_attention.py tests/test_nn_transformer.py) ;;
+        channels) tests=(tests/test_functional_{channels,normalization,conv}.py) ;;
+        conv|embedding) tests=("tests/test_functional_$module.py" tests/test_nn_layers.py) ;;
+        normalization) tests=(tests/test_functional_normalization.py tests/test_nn_normalization.py) ;;
+        special) tests=(tests/test_functional_activations.py) ;;
+        *) tests=("tests/test_functional_$module.py") ;;
+      esac ;;
     optim)
       mutate=("distprop/optim/*")
       tests=(tests/test_optim_*.py) ;;
@@ -58,7 +69,8 @@ configure() {
              "distprop.data.loader.xǁArrowLoaderǁ_advance__mutmut_*"
              "distprop.data.loader.xǁ_LoaderIteratorǁ*")
       tests=(tests/test_data_sampler.py tests/test_data_loader.py tests/mutation_mpi.py) ;;
-    *) echo "mutation.sh: unknown group '$1' (autograd functional optim parallel data)" >&2; exit 2 ;;
+    *) echo "mutation.sh: unknown group '$1' (autograd functional optim parallel data, or functional/MODULE)" >&2
+       exit 2 ;;
   esac
 }
 
@@ -92,11 +104,25 @@ run_group() {
   mkdir -p mutants
   PYTHONPATH="$dir/mutants" DISTPROP_WATCHDOG_TIMEOUT=30 \
     mutmut run --max-children "$jobs" "${names[@]}" > mutmut.log 2>&1 || { tail -c 3000 mutmut.log; exit 1; }
-  python "$repo/tests/mutation_report.py" --equivalents "$repo/tests/mutation_equivalents.txt" \
-    --minutes $(( (SECONDS - start + 59) / 60 )) | tee report.txt
+  echo "$(( (SECONDS - start + 59) / 60 ))" > minutes
+  python "$repo/tests/mutation_report.py" --equivalents "$repo/tests/mutation_equivalents.txt" . | tee report.txt
   cd "$repo"
 }
 
-groups=("$@")
-[ ${#groups[@]} -gt 0 ] || groups=(autograd functional optim parallel data)
+groups=()
+for group in "${@:-autograd functional optim parallel data}"; do
+  for name in $group; do
+    if [ "$name" = functional ]; then  # one run per module
+      for module in "$repo"/distprop/functional/*.py; do
+        module="$(basename "$module" .py)"
+        [ "$module" = __init__ ] || groups+=("functional/$module")
+      done
+    else
+      groups+=("$name")
+    fi
+  done
+done
 for group in "${groups[@]}"; do run_group "$group"; done
+dirs=(); for group in "${groups[@]}"; do dirs+=("$workroot/$group"); done
+python "$repo/tests/mutation_report.py" --equivalents "$repo/tests/mutation_equivalents.txt" --summary "${dirs[@]}" \
+  | tee "$workroot/summary.txt"

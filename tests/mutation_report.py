@@ -1,4 +1,4 @@
-r"""Summarise a mutmut run (run from its directory; tests/mutation.sh does).
+r"""Summarise mutmut runs (tests/mutation.sh calls it: RUN for one run, --summary RUN... for all).
 
 Prints, per mutated file: mutants tried, detected (a test failed or timed out),
 surviving mutants listed as equivalent in the equivalents file, and the score
@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mutmut.configuration import reset_config
 from mutmut.mutation.data import SourceFileMutationData
 from mutmut.mutation.diff_apply import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
@@ -134,54 +136,68 @@ def changed_lines(diff: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return removed, added
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--equivalents", type=Path, required=True)
-    parser.add_argument("--minutes", type=int, default=None, help="how long the run took, for the summary")
-    args = parser.parse_args()
-    equivalents = read_equivalents(args.equivalents)
+def score_run(directory: Path, equivalents: list[Equivalent]) -> tuple[dict[str, FileScore], Counter]:
+    """Per mutated file, how the mutants of one mutmut run fared."""
+    previous = Path.cwd()
+    os.chdir(directory)  # mutmut reads its configuration and results from there
+    reset_config()
+    try:
+        scores: dict[str, FileScore] = {}
+        statuses: Counter = Counter()
+        for path in walk_mutatable_files():
+            data = SourceFileMutationData(path=path)
+            data.load()
+            score = FileScore()
+            for mutant, exit_code in sorted(data.exit_code_by_key.items()):
+                status = status_by_exit_code[exit_code]
+                if status == "not checked":
+                    continue  # outside this run's selection of functions
+                statuses[status] += 1
+                score.tried += 1
+                if status in DETECTED:
+                    score.detected += 1
+                    continue
+                diff = get_diff_for_mutant(mutant, path=path)
+                removed, added = changed_lines(diff)
+                listed = [e for e in equivalents if e.matches(str(path), function_name(mutant), removed, added)]
+                for entry in listed:
+                    entry.matched += 1
+                if listed and status in UNDETECTED:
+                    score.equivalent += 1
+                else:
+                    score.open.append((mutant, status, diff))
+            if score.tried:
+                scores[str(path)] = score
+        return scores, statuses
+    finally:
+        os.chdir(previous)
 
-    scores: dict[str, FileScore] = {}
-    statuses = Counter()
-    for path in walk_mutatable_files():
-        data = SourceFileMutationData(path=path)
-        data.load()
-        score = FileScore()
-        for mutant, exit_code in sorted(data.exit_code_by_key.items()):
-            status = status_by_exit_code[exit_code]
-            if status == "not checked":
-                continue  # outside this run's selection of functions
-            statuses[status] += 1
-            score.tried += 1
-            if status in DETECTED:
-                score.detected += 1
-                continue
-            function = function_name(mutant)
-            diff = get_diff_for_mutant(mutant, path=path)
-            removed, added = changed_lines(diff)
-            listed = [e for e in equivalents if e.matches(str(path), function, removed, added)]
-            for entry in listed:
-                entry.matched += 1
-            if listed and status in UNDETECTED:
-                score.equivalent += 1
-            else:
-                score.open.append((mutant, status, diff))
-        if score.tried:
-            scores[str(path)] = score
 
+def row(name: str, score: FileScore) -> str:
+    return (f"{name:48} {score.tried:6} {score.detected:9} {score.equivalent:7} {len(score.open):5} "
+            f"{score.score:6.1f}%")
+
+
+HEADER = f"{'file':48} {'tried':>6} {'detected':>9} {'equiv.':>7} {'open':>5} {'score':>7}"
+
+
+def add(total: FileScore, score: FileScore) -> None:
+    total.tried += score.tried
+    total.detected += score.detected
+    total.equivalent += score.equivalent
+    total.open += score.open
+
+
+def report_run(directory: Path, equivalents: list[Equivalent]) -> None:
+    """One run in full: the table, then every survivor not listed as equivalent."""
+    scores, statuses = score_run(directory, equivalents)
     total = FileScore()
-    print(f"mutation score, {datetime.date.today().isoformat()}"
-          + (f", {args.minutes} min" if args.minutes is not None else ""))
-    print(f"{'file':48} {'tried':>6} {'detected':>9} {'equiv.':>7} {'open':>5} {'score':>7}")
+    print(f"mutation score, {datetime.date.today().isoformat()}")
+    print(HEADER)
     for path, score in sorted(scores.items()):
-        print(f"{path:48} {score.tried:6} {score.detected:9} {score.equivalent:7} {len(score.open):5} "
-              f"{score.score:6.1f}%")
-        total.tried += score.tried
-        total.detected += score.detected
-        total.equivalent += score.equivalent
-        total.open += score.open
-    print(f"{'all':48} {total.tried:6} {total.detected:9} {total.equivalent:7} {len(total.open):5} "
-          f"{total.score:6.1f}%")
+        print(row(path, score))
+        add(total, score)
+    print(row("all", total))
     print("statuses: " + ", ".join(f"{status} {count}" for status, count in sorted(statuses.items())))
     for mutant, status, diff in total.open:
         print(f"\n--- {status}: {mutant}\n{diff.rstrip()}")
@@ -189,6 +205,40 @@ def main() -> None:
     for entry in stale:
         print(f"\nlisted as equivalent but matched no mutant ({entry.where}): {entry.path} {entry.function} "
               f"{entry.removed} -> {entry.added}")
+
+
+def report_summary(directories: list[Path], equivalents: list[Equivalent]) -> None:
+    """One table for several runs, with a total per group (the run's first name:
+    functional/conv counts to functional)."""
+    groups: dict[str, FileScore] = {}
+    print(f"mutation score, {datetime.date.today().isoformat()}")
+    print(HEADER)
+    for directory in directories:
+        scores, _ = score_run(directory, equivalents)
+        minutes = directory / "minutes"
+        took = f", {minutes.read_text().strip()} min" if minutes.exists() else ""
+        group = directory.parent.name if directory.parent.name == "functional" else directory.name
+        print(f"[{directory.parent.name + '/' if group == 'functional' else ''}{directory.name}{took}]")
+        for path, score in sorted(scores.items()):
+            print(row("  " + path, score))
+            add(groups.setdefault(group, FileScore()), score)
+    print("per group:")
+    for group, score in groups.items():
+        print(row("  " + group, score))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--equivalents", type=Path, required=True)
+    parser.add_argument("--summary", action="store_true", help="one table for all the runs given")
+    parser.add_argument("runs", type=Path, nargs="+", help="directories where mutmut ran")
+    args = parser.parse_args()
+    equivalents = read_equivalents(args.equivalents)
+    if args.summary:
+        report_summary([run.resolve() for run in args.runs], equivalents)
+    else:
+        for run in args.runs:
+            report_run(run.resolve(), equivalents)
 
 
 if __name__ == "__main__":
