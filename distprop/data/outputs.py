@@ -33,8 +33,7 @@ def open_index(path_or_uri, columns, filesystem, tokens_column: str | None, sequ
                             f"{len(candidates)} lists of integers ({', '.join(candidates) or 'none'}): name it with "
                             "tokens_column=")
         tokens_column = candidates[0]
-        # Re-open so that the other list columns get their shapes checked like any tensor column.
-        return DatasetIndex.open(path_or_uri, columns, filesystem, sequences=(tokens_column,)), tokens_column
+    # (Opened again when the column was found: the other list columns get their shapes checked.)
     return DatasetIndex.open(path_or_uri, columns, filesystem, sequences=(tokens_column,)), tokens_column
 
 
