@@ -124,3 +124,33 @@ def test_softmax_of_a_zero_dimensional_tensor(device):
 def test_gelu_rejects_unknown_approximation():
     with pytest.raises(ValueError, match="approximate"):
         F.gelu(dp.tensor(np.ones(2)), approximate="fast")
+
+
+def _erf(x):
+    return np.vectorize(math.erf)(x)
+
+
+DEFINITIONS = {  # each activation from its formula, in float64
+    "relu": lambda x: np.maximum(x, 0), "method_relu": lambda x: np.maximum(x, 0),
+    "leaky_relu": lambda x: np.where(x > 0, x, 0.01 * x), "leaky_relu_0.2": lambda x: np.where(x > 0, x, 0.2 * x),
+    "gelu": lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
+    "tanh": np.tanh, "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
+    "softmax": lambda x: np.exp(x) / np.exp(x).sum(axis=-1, keepdims=True),
+    "softmax_0": lambda x: np.exp(x) / np.exp(x).sum(axis=0, keepdims=True),
+    "log_softmax": lambda x: x - np.log(np.exp(x).sum(axis=-1, keepdims=True)),
+    "log_softmax_0": lambda x: x - np.log(np.exp(x).sum(axis=0, keepdims=True)),
+}
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_is_its_definition_and_keeps_float32(device, name):
+    x = np.random.default_rng(1).standard_normal((4, 5)) * 2
+    x[0, :3] = [0.0, -0.0, 1e-9]
+    ours = ACTIVATIONS[name][0]
+    np.testing.assert_allclose(to_numpy(ours(dp.tensor(to_device(x, device))).data), DEFINITIONS[name](x),
+                               rtol=1e-13, atol=1e-15)
+    y32 = ours(dp.tensor(to_device(x.astype(np.float32), device)))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(to_numpy(y32.data), DEFINITIONS[name](x.astype(np.float32).astype(np.float64)),
+                               rtol=2e-6, atol=2e-7)

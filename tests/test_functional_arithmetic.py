@@ -131,3 +131,23 @@ def test_only_needed_gradients_are_computed(device):
 def test_zero_dimensional_operands(device):
     check_grad(lambda x, y: x * y + x / y - y ** 2, np.array(1.5), np.array(-0.7), device=device)
     check_grad(lambda x, y: x * y, np.array(2.0), np.ones((2, 3)), device=device)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "pow", "matmul"])
+@pytest.mark.parametrize("needs", [(True, False), (False, True)])
+def test_one_sided_gradients_are_those_of_the_two_sided_op(op, needs):
+    """Where only one operand requires a gradient, it gets the same gradient as when
+    both do (ops skip the other side's work: that must not change this side's)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(0.5, 2.0, (3, 4)), rng.uniform(0.5, 2.0, (4,) if op != "matmul" else (4, 2))
+    f = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
+         "div": lambda x, y: x / y, "pow": lambda x, y: x ** y, "matmul": lambda x, y: x @ y}[op]
+    both = [dp.tensor(a, requires_grad=True), dp.tensor(b, requires_grad=True)]
+    f(*both).sum().backward()
+    one = [dp.tensor(a, requires_grad=needs[0]), dp.tensor(b, requires_grad=needs[1])]
+    f(*one).sum().backward()
+    for t, reference, needed in zip(one, both, needs):
+        if needed:
+            np.testing.assert_allclose(t.grad, reference.grad, rtol=1e-14)
+        else:
+            assert t.grad is None

@@ -63,3 +63,34 @@ def test_p_one_drops_everything(device):
 def test_rejects_probabilities_outside_0_1():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         F.dropout(dp.tensor(np.ones(3)), 1.5)
+
+
+class _Draws:
+    """A generator that hands out given uniform draws, to test the mask's edges."""
+
+    def __init__(self, draws):
+        self.draws = np.asarray(draws, np.float64)
+
+    def random(self, shape):
+        return self.draws.reshape(shape).copy()
+
+
+def test_an_element_is_kept_when_its_draw_is_at_least_p():
+    p = 0.3
+    draws = [p - 1e-12, p, p + 1e-12, 0.0, 0.999]  # compared in x's float64, not rounded to float32
+    x = dp.tensor(np.arange(1.0, 6.0), requires_grad=True)
+    y = F.dropout(x, p, generator=_Draws(draws))
+    np.testing.assert_allclose(y.data, [0, 2, 3, 0, 5] / np.float64(0.7), rtol=1e-15)
+    y.backward(np.ones(5))
+    np.testing.assert_allclose(x.grad, [0, 1, 1, 0, 1] / np.float64(0.7), rtol=1e-15)
+    assert F.dropout(dp.tensor(np.ones(3, np.float32)), p, generator=_Draws([0.5] * 3)).dtype == np.float32
+
+
+def test_p_of_one_drops_everything():
+    x = dp.tensor(np.arange(1.0, 5.0), requires_grad=True)
+    y = F.dropout(x, 1.0, generator=_Draws([0.0, 0.5, 0.9, 0.999]))
+    np.testing.assert_array_equal(y.data, np.zeros(4))
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad, np.zeros(4))
+    with pytest.raises(ValueError, match=r"^dropout probability must be in \[0, 1\], got 1.5$"):
+        F.dropout(x, 1.5)

@@ -47,3 +47,27 @@ def test_elementwise_matches_torch(device, name):
 def test_clamp_gradient_at_the_bounds_matches_torch(device):
     x = np.array([-0.5, -0.2, 0.7, 1.0, -2.0])
     compare_with_torch(lambda t: F.clamp(t, -0.5, 0.7), lambda t: torch.clamp(t, -0.5, 0.7), x, device=device)
+
+
+DEFINITIONS = {"exp": np.exp, "log": np.log, "sqrt": np.sqrt, "abs": np.abs,
+               "clamp": lambda x: np.minimum(np.maximum(x, -0.5), 0.7), "clamp_min": lambda x: np.maximum(x, 0.2),
+               "clamp_max": lambda x: np.minimum(x, 0.2), "method_exp": np.exp, "method_log": np.log,
+               "method_sqrt": np.sqrt}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_elementwise_is_its_definition_and_keeps_float32(name):
+    import distprop as dp
+
+    ours, _, domain = OPS[name]
+    x = domain(np.random.default_rng(2).standard_normal((3, 4)))
+    np.testing.assert_allclose(ours(dp.tensor(x)).data, DEFINITIONS[name](x), rtol=1e-15)
+    assert ours(dp.tensor(x.astype(np.float32))).dtype == np.float32
+
+
+def test_abs_gradient_is_the_sign_and_zero_at_zero():
+    import distprop as dp
+
+    x = dp.tensor(np.array([-2.0, 0.0, 3.0, -0.0]), requires_grad=True)
+    F.abs(x).backward(np.array([5.0, 5.0, 5.0, 5.0]))
+    np.testing.assert_array_equal(x.grad, [-5.0, 0.0, 5.0, 0.0])

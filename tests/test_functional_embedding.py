@@ -46,3 +46,22 @@ def test_embedding_rejects_bad_indices(device):
         F.embedding(to_device(np.array([0.0]), device), weight)
     with pytest.raises(ValueError, match="padding_idx"):
         F.embedding(to_device(np.array([0]), device), weight, padding_idx=4)
+
+
+def test_embedding_by_hand_with_list_indices_and_the_lowest_padding_index():
+    weight = dp.tensor(np.arange(12.0).reshape(4, 3), requires_grad=True)
+    y = F.embedding([[3, 0], [0, 0]], weight, padding_idx=-4)  # -4 is row 0 of 4
+    np.testing.assert_array_equal(y.data, [[[9, 10, 11], [0, 1, 2]], [[0, 1, 2], [0, 1, 2]]])
+    y.backward(np.arange(12.0).reshape(2, 2, 3))
+    np.testing.assert_array_equal(weight.grad, [[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 2]])  # row 0 pads
+    weight.grad = None
+    F.embedding(dp.tensor(np.array([1, 1, 2])), weight).backward(np.ones((3, 3)))
+    np.testing.assert_array_equal(weight.grad, [[0, 0, 0], [2, 2, 2], [1, 1, 1], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"^embedding: padding_idx -5 out of range for 4 embeddings$"):
+        F.embedding([0], weight, padding_idx=-5)
+    with pytest.raises(ValueError, match=r"^embedding: padding_idx 4 out of range for 4 embeddings$"):
+        F.embedding([0], weight, padding_idx=4)
+    with pytest.raises(TypeError, match=r"^embedding expects integer indices, got dtype float64$"):
+        F.embedding([0.0], weight)
+    with pytest.raises(IndexError, match=r"^embedding: index out of range \[0, 4\) for a weight of shape \(4, 3\)$"):
+        F.embedding([4], weight)

@@ -134,3 +134,100 @@ def test_cross_entropy_backward_twice_through_a_retained_graph(device, shapes):
     z.grad = None
     loss.backward()
     np.testing.assert_allclose(to_numpy(z.grad), first, rtol=1e-12)
+
+
+def _reference_cross_entropy(logits, targets, smoothing=0.0, ignore_index=-100, reduction="mean"):
+    """From the definition, in float64: -sum_c q_c log softmax(z)_c with q the one-hot
+    target smoothed by `smoothing`; classes on axis 1."""
+    z = np.moveaxis(np.asarray(logits, np.float64), 1, -1)
+    log_p = z - z.max(axis=-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=-1, keepdims=True))
+    valid = targets != ignore_index
+    picked = np.take_along_axis(log_p, np.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    losses = np.where(valid, -(1 - smoothing) * picked - smoothing * log_p.mean(axis=-1), 0.0)
+    if reduction == "none":
+        return losses
+    return losses.sum() / (valid.sum() if reduction == "mean" else 1)
+
+
+@pytest.mark.parametrize("shapes", CASES[:3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3, 1.0])
+def test_cross_entropy_is_its_definition(device, shapes, reduction, smoothing):
+    rng = np.random.default_rng(7)
+    logits_shape, target_shape = shapes
+    logits, targets = rng.standard_normal(logits_shape) * 3, _targets(rng, target_shape, logits_shape[1], 0.3)
+    loss = F.cross_entropy(dp.tensor(to_device(logits, device)), to_device(targets, device),
+                           label_smoothing=smoothing, reduction=reduction)
+    expected = _reference_cross_entropy(logits, targets, smoothing, reduction=reduction)
+    assert loss.shape == np.shape(expected)
+    np.testing.assert_allclose(to_numpy(loss.data), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_of_one_unbatched_sample(reduction):
+    logits = np.array([0.5, -1.0, 2.0, 0.0])
+    for target, expected in ((2, _reference_cross_entropy(logits[None], np.array([2]), reduction="sum")),
+                             (-100, 0.0 if reduction != "mean" else np.nan)):
+        z = dp.tensor(logits, requires_grad=True)
+        with np.errstate(invalid="ignore", divide="ignore"):  # all ignored: the mean is 0 / 0
+            loss = F.cross_entropy(z, np.array(target), reduction=reduction)
+            loss.backward()
+        assert loss.shape == ()
+        np.testing.assert_allclose(loss.data, expected, rtol=1e-12)
+        assert z.grad.shape == (4,)
+    np.testing.assert_array_equal(F.cross_entropy(dp.tensor(logits), 1, ignore_index=1, reduction="sum").data, 0.0)
+
+
+def test_cross_entropy_takes_targets_as_tensors_or_lists():
+    logits = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    expected = _reference_cross_entropy(logits, np.array([1, 2]))
+    for targets in ([1, 2], dp.tensor(np.array([1, 2])), np.array([1, 2], np.uint8)):
+        np.testing.assert_allclose(F.cross_entropy(dp.tensor(logits), targets).data, expected, rtol=1e-12)
+
+
+def test_cross_entropy_argument_errors_say_what():
+    z = dp.tensor(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"^label_smoothing must be in \[0, 1\], got 1.5$"):
+        F.cross_entropy(z, np.array([0, 1]), label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"^label_smoothing must be in \[0, 1\], got -0.1$"):
+        F.cross_entropy(z, np.array([0, 1]), label_smoothing=-0.1)
+    with pytest.raises(TypeError, match=r"^cross_entropy expects integer class indices, got dtype float64$"):
+        F.cross_entropy(z, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"^cross_entropy: 2 rows of logits but 3 targets$"):
+        F.cross_entropy(z, np.array([0, 1, 2]))
+    with pytest.raises(IndexError, match=r"^cross_entropy: target class out of range \[0, 3\)$"):
+        F.cross_entropy(z, np.array([0, -2]))
+    with pytest.raises(ValueError, match=r"^reduction must be one of \('mean', 'sum', 'none'\), got 'avg'$"):
+        F.mse_loss(z, z, reduction="avg")
+
+
+def test_second_backward_recomputes_a_stable_softmax():
+    # Rows far apart in scale: each must be shifted by its own maximum.
+    logits = np.array([[1000.0, 999.0, 998.0], [-1000.0, -1001.0, -999.0], [0.5, 0.25, 0.0]])
+    targets = np.array([0, 2, 1])
+    z = dp.tensor(logits, requires_grad=True)
+    loss = F.cross_entropy(z * 1.0, targets, reduction="sum")
+    loss.backward(retain_graph=True)
+    first = z.grad.copy()
+    z.grad = None
+    loss.backward()
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(3), targets] -= 1
+    np.testing.assert_allclose(first, p, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(z.grad, p, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_loss_is_its_definition(reduction):
+    x, target = np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([0.5, 1.0])  # the target broadcasts
+    a, b = dp.tensor(x, requires_grad=True), dp.tensor(target, requires_grad=True)
+    loss = F.mse_loss(a, b, reduction=reduction)
+    squared = (x - target) ** 2
+    expected = {"mean": squared.mean(), "sum": squared.sum(), "none": squared}[reduction]
+    np.testing.assert_allclose(loss.data, expected, rtol=1e-15)
+    loss.backward(np.ones(np.shape(expected)))
+    scale = 2 / 4 if reduction == "mean" else 2
+    np.testing.assert_allclose(a.grad, scale * (x - target), rtol=1e-15)
+    np.testing.assert_allclose(b.grad, -scale * (x - target).sum(axis=0), rtol=1e-15)
