@@ -199,3 +199,42 @@ def test_layer_norm_rejects_mismatched_shapes():
         F.layer_norm(x, 4)
     with pytest.raises(ValueError, match="weight"):
         F.layer_norm(x, 3, weight=dp.tensor(np.ones(4)))
+
+
+def _batch_norm_definition(x, w, b, mean=None, var=None, eps=1e-5):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if mean is None:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * w.reshape(shape) + b.reshape(shape)
+
+
+LAYOUTS = {  # how the (N, C, ...) input lies in memory
+    "channels first": lambda t: t,
+    "channels last": lambda t: t.transpose(0, 2, 3, 1).reshape(t.shape[0], -1).reshape(
+        t.shape[0], t.shape[2], t.shape[3], t.shape[1]).transpose(0, 3, 1, 2),
+    "strided": lambda t: t[:, :, ::2],  # neither: the generic path
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_is_its_definition_in_every_layout(device, layout, training):
+    x, w, b = _data((4, 3, 6, 2), seed=8)
+    arrange = LAYOUTS[layout]
+    running_mean, running_var = np.array([0.5, -1.0, 2.0]), np.array([1.5, 0.25, 4.0])
+    stats = [to_device(running_mean.copy(), device), to_device(running_var.copy(), device)]
+    y = F.batch_norm(arrange(dp.tensor(to_device(x, device))), *stats, dp.tensor(to_device(w, device)),
+                     dp.tensor(to_device(b, device)), training=training, momentum=0.25)
+    seen = x[:, :, ::2] if layout == "strided" else x
+    expected = _batch_norm_definition(seen, w, b, *(() if training else (running_mean, running_var)))
+    np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-12, atol=1e-12)
+    if training:
+        n = seen.size // 3
+        variance = seen.var(axis=(0, 2, 3)) * n / (n - 1)  # unbiased, as PyTorch keeps it
+        np.testing.assert_allclose(to_numpy(stats[0]), 0.75 * running_mean + 0.25 * seen.mean(axis=(0, 2, 3)),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(to_numpy(stats[1]), 0.75 * running_var + 0.25 * variance, rtol=1e-12)
+    mean, var = (to_device(a.copy(), device) for a in (running_mean, running_var))
+    check_grad(lambda *t: F.batch_norm(arrange(t[0]), mean.copy(), var.copy(), *t[1:], training=training),
+               x, w, b, device=device)
