@@ -131,3 +131,24 @@ def test_stack_matches_torch(device, axis):
     arrays = np.random.default_rng(6).standard_normal((3, 2, 4))
     compare_with_torch(lambda *t: F.stack(t, axis=axis), lambda *t: torch.stack(t, dim=axis), *arrays,
                        device=device)
+
+
+def test_default_axes_and_dims_are_pytorchs():
+    a, b = dp.tensor(np.ones((2, 3))), dp.tensor(np.zeros((2, 3)))
+    assert F.concatenate([a, b]).shape == (4, 3) and F.stack([a, b]).shape == (2, 2, 3)
+    x = dp.tensor(np.ones((2, 3, 4)))
+    assert F.flatten(x).shape == (24,) and F.flatten(x, 1).shape == (2, 12) and F.flatten(x, 0, 1).shape == (6, 4)
+
+
+def test_to_casts_both_ways_and_is_a_no_op_when_nothing_changes():
+    from distprop.functional.shapes import to
+
+    x = dp.tensor(np.array([1.5, -2.25], np.float32), requires_grad=True)
+    assert to(x) is x and to(x, device="cpu") is x and to(x, dtype=np.float32) is x
+    assert to(x, device="CPU") is x and x.to("numpy") is x  # device names are normalised first
+    y = to(x, dtype=np.float64)
+    assert y is not x and y.dtype == np.float64 and y.device == "cpu" and np.array_equal(y.data, [1.5, -2.25])
+    y.backward(np.array([0.1, 0.2]))  # float64 gradient, handed back as float32
+    assert x.grad.dtype == np.float32 and np.array_equal(x.grad, np.array([0.1, 0.2], np.float32))
+    z = to(x, device="cpu", dtype=np.float16)
+    assert z.dtype == np.float16 and z.requires_grad
