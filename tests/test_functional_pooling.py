@@ -169,3 +169,39 @@ def test_max_pool2d_gradient_goes_to_each_window_s_maximum_only(device):
             a, b = np.unravel_index(np.argmax(window), (2, 2))
             counts[i + a, j + b] += 1
     np.testing.assert_array_equal(to_numpy(t.grad)[0, 0], counts)
+
+
+def _adaptive_average(x, out_h, out_w):
+    """PyTorch's adaptive pooling by its definition: bin i of n over a side of length
+    L spans [floor(i L / n), ceil((i + 1) L / n))."""
+    h, w = x.shape[2:]
+    out = np.empty(x.shape[:2] + (out_h, out_w))
+    for i in range(out_h):
+        for j in range(out_w):
+            rows = slice(i * h // out_h, -(-(i + 1) * h // out_h))
+            cols = slice(j * w // out_w, -(-(j + 1) * w // out_w))
+            out[:, :, i, j] = x[:, :, rows, cols].mean(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("output_size", [(1, 1), (2, 1), (1, 2), (3, 2), (6, 5), (4, 3)])
+def test_adaptive_avg_pool2d_is_its_definition(device, output_size):
+    x = np.random.default_rng(6).standard_normal((2, 3, 6, 5))
+    y = F.adaptive_avg_pool2d(dp.tensor(to_device(x, device)), output_size)
+    np.testing.assert_allclose(to_numpy(y.data), _adaptive_average(x, *output_size), rtol=1e-13, atol=1e-15)
+    y32 = F.adaptive_avg_pool2d(dp.tensor(to_device(x.astype(np.float32), device)), output_size)
+    assert y32.dtype == np.float32
+    g = F.global_avg_pool2d(dp.tensor(to_device(x.astype(np.float32), device)))
+    assert g.dtype == np.float32 and g.shape == (2, 3)
+
+
+def test_adaptive_and_global_pooling_reject_bad_shapes():
+    x = dp.tensor(np.ones((2, 3, 4, 4)))
+    for size in ((0, 2), (2, 0), 0):
+        with pytest.raises(ValueError, match=r"^adaptive_avg_pool2d: output_size must be positive, got "):
+            F.adaptive_avg_pool2d(x, size)
+    with pytest.raises(ValueError, match=r"^adaptive_avg_pool2d expects input of shape \(N, C, H, W\), "
+                                         r"got \(2, 3, 4\)$"):
+        F.adaptive_avg_pool2d(dp.tensor(np.ones((2, 3, 4))), 2)
+    with pytest.raises(ValueError, match=r"^global_avg_pool2d expects input of shape \(N, C, H, W\), got \(3, 4\)$"):
+        F.global_avg_pool2d(dp.tensor(np.ones((3, 4))))
