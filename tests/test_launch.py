@@ -96,7 +96,8 @@ def _start_sleeping_job(tmp_path, ranks=2):
     job (mpiexec, its helpers, the ranks) once all ranks are up."""
     launcher = subprocess.Popen(launch_command("-n", str(ranks), *ranks_program(tmp_path, sleep=300)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)  # a process group of its own, as a terminal gives it
     deadline = time.monotonic() + 90
     while len(list(tmp_path.glob("rank*"))) < ranks:
         assert launcher.poll() is None, launcher.stderr.read()
@@ -135,12 +136,16 @@ def test_sigkill_of_the_launcher_leaves_nothing_running(tmp_path):
         _end(job)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, signum):
+@pytest.mark.parametrize("signum, to", [(signal.SIGINT, "terminal"), (signal.SIGINT, "launcher"),
+                                        (signal.SIGTERM, "launcher")])
+def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, signum, to):
     launcher, job = _start_sleeping_job(tmp_path)
     try:
-        launcher.send_signal(signum)  # to the launcher alone, as `kill` or a scheduler would
-        assert launcher.wait(timeout=60) != 0
+        if to == "terminal":  # Ctrl-C: the terminal signals its whole foreground process group
+            os.killpg(launcher.pid, signum)
+        else:  # the launcher alone, as `kill` or a scheduler would
+            launcher.send_signal(signum)
+        assert launcher.wait(timeout=60) == 128 + signum, launcher.stderr.read()  # 130 for Ctrl-C, as a shell says
         assert not _left_running(job), "ranks still running after the launcher ended"
     finally:
         _end(job)

@@ -1,6 +1,7 @@
 """The preflight program of `distprop launch --check`, in one process: what it asks
-the MPI library, and what it reports when a collective gives wrong results (the
-passing runs are in test_launch.py and test_launch_multihost.py)."""
+the MPI library, and what it reports when a collective gives wrong results or MPI
+gives each rank a world of its own (the passing runs are in test_launch.py and
+test_launch_multihost.py)."""
 
 import numpy as np
 
@@ -44,6 +45,37 @@ def test_a_wrong_allreduce_fails_the_check_on_every_rank(monkeypatch, capsys):
     assert "allreduce and broadcast of 1048576 float64 (host buffers): WRONG" in out
     assert out.endswith("check failed: allreduce of host buffers wrong on rank(s) [0, 1]\n")
     assert "bandwidth" not in out  # nothing measured on a job that computes wrong sums
+
+
+class Alone(TwoRanks):
+    """A process that MPI gives a world of its own (rank 0 of 1)."""
+
+    size, local_size = 1, 1
+
+    def allreduce_(self, array, op="sum"):
+        return array  # one rank: the sum is its own buffer
+
+    def allgather_object(self, obj):
+        return [obj]
+
+
+def test_ranks_that_mpi_leaves_alone_fail_the_check(monkeypatch, capsys):
+    # mpi4py built for another MPI than the mpiexec's: the launcher started two ranks
+    # (and says so in its variable), each of which MPI makes the only one of its world.
+    check.mpi_library()  # MPI initialised before the launcher's variable is set
+    monkeypatch.setattr(dp, "init", lambda: Alone())
+    for name in check.LAUNCHER_SIZES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    assert check.main() == 1
+    out = capsys.readouterr().out
+    assert out.endswith("check failed: MPI gives 1 rank(s) where the launcher started 2 (PMI_SIZE=2): "
+                        f"mpi4py loads {check.mpi_library()}, not the MPI whose mpiexec started it; use that "
+                        "MPI's mpiexec or build mpi4py against it (launch/README.md)\n")
+    assert "bandwidth" not in out
+    monkeypatch.setenv("PMI_SIZE", "1")  # the launcher started one rank: nothing wrong
+    assert check.main() == 0
+    assert capsys.readouterr().out.endswith("allreduce bus bandwidth: needs 2 ranks or more\ncheck passed\n")
 
 
 def test_the_mpi_library_is_asked_about_cuda():

@@ -191,6 +191,21 @@ def test_slurm_without_pmix_runs_mpiexec_on_the_allocations_hostfile(tmp_path, f
         in result.notes
 
 
+def test_slurm_gpus_per_node_and_cpus_without_a_task_count(tmp_path, fake, slurm):
+    env = {**slurm(), "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_CPUS_PER_NODE": "8(x2)"}
+    del env["SLURM_TASKS_PER_NODE"], env["SLURM_NTASKS"]  # sbatch --gpus-per-node=4 --exclusive, no tasks asked
+    result = launch(tmp_path, env, bind="core", mpiexec=fake("openmpi"))
+    share = max(1, node.physical_cores() // 4)  # this node's cores, shared by its 4 ranks
+    assert result.argv[1:8] == ["--mpi=pmix", "-n", "8", "--ntasks-per-node=4", f"--cpus-per-task={share}",
+                                "--cpu-bind=cores", "--kill-on-bad-exit=1"]
+    assert "4 GPU(s) per node: one rank per GPU" in result.notes
+    mpirun = launch(tmp_path, env, launcher="mpiexec", mpiexec=fake("openmpi"))
+    assert (tmp_path / "hostfile").read_text() == "node01 slots=8\nnode02 slots=8\n"
+    assert mpirun.argv[mpirun.argv.index("--map-by") + 1] == "ppr:4:node"
+    with pytest.raises(UserError, match="SLURM_JOB_ID=4242 is set but SLURM_JOB_NODELIST is not"):
+        launch(tmp_path, {**env, "SLURM_JOB_NODELIST": ""}, mpiexec=fake("openmpi"))
+
+
 def test_slurm_launcher_can_be_forced(tmp_path, fake, slurm):
     assert launch(tmp_path, slurm(), launcher="mpiexec", mpiexec=fake("openmpi")).argv[0].endswith("mpiexec")
     forced = launch(tmp_path, slurm(pmix=False), launcher="srun", mpiexec=fake("openmpi"))
@@ -214,6 +229,8 @@ def test_slurm_launcher_can_be_forced(tmp_path, fake, slurm):
     (dict(ranks=1, command=["no-such-program-here"]), "no-such-program-here: command not found"),
     (dict(ranks=1, launcher="srun"), "--launcher srun starts the ranks on a Slurm allocation's nodes: SLURM_JOB_ID"),
     (dict(hosts="127.0.0.1:2", launcher="srun"), "allocation's nodes: drop --hosts/--hostfile"),
+    (dict(hosts="node1:4:2"), "--hosts 'node1:4:2': 'node1:4' is not a host name"),
+    (dict(ranks=1, mpiexec_args="--mca btl 'tcp,self"), "--mpiexec-args \"--mca btl 'tcp,self\": no closing quotation"),
 ])
 def test_one_line_errors(tmp_path, fake, request_args, message):
     with pytest.raises(UserError) as error:
@@ -246,6 +263,16 @@ def test_hostfile_errors_name_file_and_line(tmp_path, fake, line, message):
 def test_duplicate_hosts_add_their_slots():
     hosts = parse_host_list("127.0.0.1:2,127.0.0.2,127.0.0.1:3")
     assert [(h.name, h.slots) for h in hosts] == [("127.0.0.1", 5), ("127.0.0.2", 1)]
+
+
+def test_ipv6_addresses_in_brackets_keep_their_colons():
+    hosts = parse_host_list("[::1]:2,[fe80::1%eth0],node1:3")
+    assert [(h.name, h.slots) for h in hosts] == [("[::1]", 2), ("[fe80::1%eth0]", 1), ("node1", 3)]
+
+
+def test_mpiexec_args_go_before_the_program(tmp_path, fake, family):
+    argv = launch(tmp_path, ranks=2, mpiexec=fake(family), mpiexec_args="--mca btl 'tcp,self' -v").argv
+    assert argv[-6:] == ["--mca", "btl", "tcp,self", "-v", *PROGRAM]
 
 
 def test_no_mpi_runtime_says_how_to_install_one(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ failure on one rank fails the check everywhere instead of leaving others waiting
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import sys
 import time
@@ -20,6 +21,9 @@ SIZES = (8 * 2**20, 64 * 2**20)  # bytes: a mid-size gradient bucket, and a whol
 ITERATIONS = 20
 WARMUP = 3
 VERIFY_ELEMENTS = 2**20  # float64: every partial sum is an exact integer
+# The job's size as the launcher that started this process gives it to its ranks
+# (Open MPI; MPICH's Hydra, Intel MPI, Cray PALS and PMI-2 srun; LSF's jsrun).
+LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JSM_NAMESPACE_SIZE")
 
 
 def mpi_library() -> str:
@@ -47,6 +51,19 @@ def cuda_aware() -> str:
         if hasattr(lib, "MPIX_Query_cuda_support"):
             return "yes" if lib.MPIX_Query_cuda_support() else "no"
     return "unknown"
+
+
+def size_mismatch(comm, environ) -> str | None:
+    """Why MPI's world is not the one the launcher started, or None. Where mpi4py
+    loads another MPI library than the launcher's, every process runs alone as
+    "rank 0 of 1": the job looks fine and trains N separate models."""
+    for name in LAUNCHER_SIZES:
+        started = environ.get(name, "")
+        if started.isdigit() and int(started) != comm.size:
+            return (f"MPI gives {comm.size} rank(s) where the launcher started {started} ({name}={started}): "
+                    f"mpi4py loads {mpi_library()}, not the MPI whose mpiexec started it; use that MPI's "
+                    "mpiexec or build mpi4py against it (launch/README.md)")
+    return None
 
 
 def describe(comm, device: str) -> str:
@@ -128,7 +145,7 @@ def main() -> int:
         say(f"  {line}")
 
     buffers = [("host", np)] + ([("gpu", backend.cupy_module())] if device == "gpu" else [])
-    failures = []
+    failures = sorted({m for m in comm.allgather_object(size_mismatch(comm, os.environ)) if m})
     for kind, xp in buffers:
         verdicts = comm.allgather_object(verify(comm, xp))  # every rank sees every verdict
         for which, name in enumerate(("allreduce", "broadcast")):
@@ -138,9 +155,9 @@ def main() -> int:
         say(f"allreduce and broadcast of {VERIFY_ELEMENTS} float64 ({kind} buffers): "
             f"{'ok' if all(all(oks) for oks in verdicts) else 'WRONG'}")
 
-    if comm.size == 1:
+    if comm.size == 1 and not failures:
         say("allreduce bus bandwidth: needs 2 ranks or more")
-    elif not failures:
+    elif not failures:  # nothing measured on a job that is not the one started, or computes wrong sums
         factor = 2 * (comm.size - 1) / comm.size  # bus bandwidth, as nccl-tests defines it for allreduce
         say(f"allreduce bus bandwidth, float32, medians of {ITERATIONS} calls (slowest rank's time); "
             "distprop/mpi4py over calls made in pairs:")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distprop.errors import UserError
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+$")  # host names, IPv4 and bracketed IPv6 addresses
+_NAME = re.compile(r"^(?:[A-Za-z0-9_.\-]+|\[[0-9A-Za-z:.%]+\])$")  # names, IPv4 and bracketed IPv6 addresses
 
 
 @dataclass
@@ -48,7 +48,9 @@ def _merge(hosts: list[Host]) -> list[Host]:
 def _parse_entry(text: str, where: str) -> Host:
     tokens = text.split()
     name, count, syntax = tokens[0], 1, "plain"
-    if ":" in name and not name.startswith("["):  # MPICH's host:N
+    # MPICH's host:N; an IPv6 address is bracketed ([::1] or [::1]:N) so that its
+    # own colons are not read as a count.
+    if ":" in name.rpartition("]")[2]:
         name, _, number = name.rpartition(":")
         count, syntax = _count(number, where), "mpich"
     for token in tokens[1:]:

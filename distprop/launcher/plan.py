@@ -60,6 +60,13 @@ def parse_env(items: list[str], environ) -> dict[str, str | None]:
     return env
 
 
+def _split_args(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as error:  # an unclosed quote
+        raise UserError(f"--mpiexec-args {text!r}: {str(error).lower()}") from None
+
+
 def plan(request: Request, environ, workdir: Path) -> Launch:
     notes = []
     env = parse_env(request.env, environ)
@@ -76,7 +83,7 @@ def plan(request: Request, environ, workdir: Path) -> Launch:
         hostlib.check_resolvable(hosts)
 
     job = commands.Job(ranks=0, command=list(request.command), hosts=hosts, bind=request.bind,
-                       oversubscribe=request.oversubscribe, env=env, extra=shlex.split(request.mpiexec_args))
+                       oversubscribe=request.oversubscribe, env=env, extra=_split_args(request.mpiexec_args))
     cores = node.physical_cores()
     if hosts is None:
         ranks_per_node = _place_here(request, job, environ, cores, notes)

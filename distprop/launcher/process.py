@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # the rest may only warn the job
 _PR_SET_PDEATHSIG = 1
 
 
@@ -39,17 +40,29 @@ def _death_signal_setter():
 
 
 def run(argv: list[str], env: dict[str, str]) -> int:
-    """Run argv to its end; its exit status (128 + N for a death by signal N, as a shell says)."""
+    """Run argv to its end; its exit status (128 + N for a death by signal N, as a
+    shell says). A job that fails after we passed it Ctrl-C, SIGTERM, SIGHUP or
+    SIGQUIT gives 128 + that signal (130 for Ctrl-C), as an interrupted command
+    does, where mpiexec itself would say 1 whatever happened."""
     setter = _death_signal_setter()
     if setter is None:  # no parent-death signal: become the command, so a kill reaches it directly
         sys.stdout.flush()
         sys.stderr.flush()
         os.execvpe(argv[0], argv, env)
     child = subprocess.Popen(argv, env=env, preexec_fn=setter)
-    previous = {sig: signal.signal(sig, lambda number, _frame: child.send_signal(number)) for sig in FORWARDED}
+    received = []
+
+    def forward(number, _frame) -> None:
+        received.append(number)
+        child.send_signal(number)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    ended_by = next((sig for sig in received if sig in ENDING), None)
+    if code != 0 and ended_by is not None:
+        return 128 + ended_by
     return 128 - code if code < 0 else code
