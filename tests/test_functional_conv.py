@@ -151,3 +151,80 @@ def test_conv2d_rejects_bad_arguments(kwargs, message):
     w = dp.tensor(np.ones(kwargs.pop("weight_shape", (4, 3, 3, 3))))
     with pytest.raises(ValueError, match=message):
         F.conv2d(x, w, **kwargs)
+
+
+def _conv_definition(x, w, b, stride, padding, dilation, groups):
+    """out[n, o, i, j] = b[o] + sum over the group's channels c and kernel offsets (p, q) of
+    w[o, c, p, q] * x_padded[n, g * cg + c, i * sh + p * dh, j * sw + q * dw]."""
+    (top, bottom), (left, right) = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, _, hp, wp = xp.shape
+    o, cg, kh, kw = w.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    out_h, out_w = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, o, out_h, out_w))
+    og = o // groups
+    for oc in range(o):
+        g = oc // og
+        for p in range(kh):
+            for q in range(kw):
+                patch = xp[:, g * cg:(g + 1) * cg, p * dh:p * dh + sh * (out_h - 1) + 1:sh,
+                           q * dw:q * dw + sw * (out_w - 1) + 1:sw]
+                out[:, oc] += np.einsum("ncij,c->nij", patch, w[oc, :, p, q])
+        if b is not None:
+            out[:, oc] += b[oc]
+    return out
+
+
+@pytest.mark.parametrize("kwargs, padding", [
+    (dict(), ((0, 0), (0, 0))),
+    (dict(stride=2, padding=1), ((1, 1), (1, 1))),
+    (dict(stride=(1, 2), padding=(2, 0), dilation=(2, 1)), ((2, 2), (0, 0))),
+    (dict(padding="same", dilation=(1, 2)), None),  # even kernels: the extra row and column at the end
+    (dict(padding="valid", groups=2), ((0, 0), (0, 0))),
+])
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 4)])
+def test_conv2d_is_its_definition(device, kwargs, padding, kernel):
+    rng = np.random.default_rng(9)
+    x, w, b = rng.standard_normal((2, 4, 7, 8)), rng.standard_normal((6, 4 // kwargs.get("groups", 1)) + kernel), \
+        rng.standard_normal(6)
+    if padding is None:  # 'same': total d * (k - 1) per side pair, the larger half last
+        totals = [d * (k - 1) for d, k in zip(kwargs.get("dilation", (1, 1)), kernel)]
+        padding = tuple((t // 2, t - t // 2) for t in totals)
+    y = F.conv2d(*(dp.tensor(to_device(a, device)) for a in (x, w, b)), **kwargs)
+    as_pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    expected = _conv_definition(x, w, b, as_pair(kwargs.get("stride", 1)), padding,
+                                as_pair(kwargs.get("dilation", 1)), kwargs.get("groups", 1))
+    np.testing.assert_allclose(to_numpy(y.data), expected, rtol=1e-12, atol=1e-12)
+    no_bias = F.conv2d(dp.tensor(to_device(x, device)), dp.tensor(to_device(w, device)), **kwargs)
+    np.testing.assert_allclose(to_numpy(no_bias.data), expected - b[None, :, None, None], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs, message", [
+    ((1, 3, 5, 5), (4, 2, 3, 3), {}, "conv2d: input has 3 channels but weight (4, 2, 3, 3) expects 2 "
+                                     "(in/groups=2, groups=1)"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(groups=2), "conv2d: groups=2 must divide both input channels (3) "
+                                                 "and output channels (4)"),
+    ((1, 4, 5, 5), (3, 2, 3, 3), dict(groups=2), "conv2d: groups=2 must divide both input channels (4) "
+                                                 "and output channels (3)"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(groups=0), "conv2d: groups=0 must divide both input channels (3) "
+                                                 "and output channels (4)"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(stride=0), "conv2d: stride and dilation must be positive, got (0, 0), (1, 1)"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(dilation=(1, 0)),
+     "conv2d: stride and dilation must be positive, got (1, 1), (1, 0)"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(padding=(0, -1)), "conv2d: padding must be non-negative, got (0, -1)"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(padding="full"),
+     "conv2d: padding must be an int, a pair, 'valid' or 'same', got 'full'"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(padding="same", stride=(1, 2)), "conv2d: padding='same' needs stride 1"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(padding=(1, 2, 3)), "conv2d: padding must be an int or a pair, got (1, 2, 3)"),
+    ((1, 3, 5, 5), (4, 3, 7, 3), {}, "conv2d: kernel 7x3 (dilation 1,1) is larger than the padded input 5x5"),
+    ((1, 3, 5, 5), (4, 3, 3, 3), dict(dilation=3), "conv2d: kernel 3x3 (dilation 3,3) is larger than the padded "
+                                                   "input 5x5"),
+    ((3, 5, 5), (4, 3, 3, 3), {}, "conv2d expects input of shape (N, C, H, W), got (3, 5, 5)"),
+    ((1, 3, 5, 5), (4, 3, 3), {}, "conv2d expects weight of shape (out, in/groups, kh, kw), got (4, 3, 3)"),
+])
+def test_conv2d_errors_name_the_sizes(x_shape, w_shape, kwargs, message):
+    import re
+
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        F.conv2d(dp.tensor(np.ones(x_shape)), dp.tensor(np.ones(w_shape)), **kwargs)
