@@ -92,3 +92,35 @@ def test_out_of_range_axis_is_an_error():
         x.sum(axis=2)
     with pytest.raises(ValueError, match="axis -3"):
         x.mean(axis=(0, -3))
+
+
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), [2, 1], (-3, -1)])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_reductions_are_numpys_and_gradients_by_hand(axis, keepdims):
+    x = np.arange(24.0).reshape(2, 3, 4) * 0.5 - 3
+    x[1, 2, 3] = 50.0  # one clear maximum over every axis choice containing it
+    numpy_axis = tuple(axis) if isinstance(axis, list) else axis
+    for name, reference in (("sum", np.sum), ("mean", np.mean), ("max", np.max)):
+        t = dp.tensor(x, requires_grad=True)
+        y = getattr(F, name)(t, axis, keepdims)
+        expected = reference(x, axis=numpy_axis, keepdims=keepdims)
+        assert y.shape == np.shape(expected), name
+        np.testing.assert_allclose(y.data, expected, rtol=1e-15)
+        y.backward(np.ones(y.shape))
+        count = x.size // np.size(expected)
+        if name == "sum":
+            np.testing.assert_array_equal(t.grad, np.ones_like(x))
+        elif name == "mean":
+            np.testing.assert_allclose(t.grad, np.full_like(x, 1 / count), rtol=1e-15)
+        else:  # 1 where an element is its slice's maximum
+            np.testing.assert_array_equal(t.grad, (x == np.max(x, axis=numpy_axis, keepdims=True)).astype(float))
+
+
+def test_reduction_errors_say_which_axis():
+    x = dp.tensor(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"^axis 2 is out of range for a tensor of 2 dimensions$"):
+        F.sum(x, 2)
+    with pytest.raises(ValueError, match=r"^axis -3 is out of range for a tensor of 2 dimensions$"):
+        F.mean(x, (0, -3))
+    with pytest.raises(ValueError, match=r"^max of an empty tensor$"):
+        F.max(dp.tensor(np.ones((0, 3))))
