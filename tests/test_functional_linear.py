@@ -32,3 +32,25 @@ def test_linear_skips_the_input_gradient_of_data(device):
     w = dp.tensor(to_device(rng.standard_normal((2, 4)), device), requires_grad=True)
     F.linear(x, w).sum().backward()
     assert x.grad is None and w.grad is not None
+
+
+@pytest.mark.parametrize("x_shape", [(4,), (3, 4), (2, 3, 4)])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
+                                   (False, False, True), (False, True, True)])
+def test_linear_is_x_times_weight_transposed_plus_bias(x_shape, needs):
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal((5, 4)), rng.standard_normal(5)
+    tensors = [dp.tensor(a, requires_grad=r) for a, r in zip((x, w, b), needs)]
+    y = F.linear(*tensors)
+    np.testing.assert_allclose(y.data, x @ w.T + b, rtol=1e-13)
+    gy = rng.standard_normal(y.shape)
+    y.backward(gy)
+    rows_x, rows_gy = x.reshape(-1, 4), gy.reshape(-1, 5)
+    expected = (gy @ w, rows_gy.T @ rows_x, rows_gy.sum(axis=0))
+    for t, want, needed in zip(tensors, expected, needs):
+        if needed:
+            np.testing.assert_allclose(t.grad, want, rtol=1e-13)
+        else:
+            assert t.grad is None
+    if needs[0]:
+        np.testing.assert_allclose(F.linear(dp.tensor(x), dp.tensor(w)).data, x @ w.T, rtol=1e-13)
