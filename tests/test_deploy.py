@@ -124,6 +124,27 @@ def test_local_sh_and_the_image_entrypoint_run_distprop_launch(tmp_path):
     assert run_script(entrypoint, PATH=with_gpus).stdout == "distprop launch --check\n"  # one rank per GPU
 
 
+def test_entrypoint_waits_for_the_mpijob_workers_names(tmp_path):
+    # The MPI Operator's launcher pod: its hostfile's second worker resolves only at
+    # the third try; then the command runs. Elsewhere nothing is looked up.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("job-worker-0.job.ns.svc slots=4\njob-worker-1.job.ns.svc slots=4\n")
+    tries = tmp_path / "tries"
+    path = fake_bin(tmp_path, sleep=f'echo "sleep $1" >> {tries}',
+                    getent=f'echo "$2" >> {tries}; [ "$2" != job-worker-1.job.ns.svc ] || '
+                           f'[ "$(grep -c worker-1 {tries})" -ge 3 ]')
+    entrypoint = DEPLOY / "docker" / "entrypoint.sh"
+    result = run_script(entrypoint, "sh", "-c", "echo started", PATH=path, K_MPI_JOB_ROLE="launcher",
+                        OMPI_MCA_orte_default_hostfile=str(hostfile))
+    assert (result.returncode, result.stdout) == (0, "started\n"), result.stderr
+    assert tries.read_text().split("\n")[:-1] == ["job-worker-0.job.ns.svc", "job-worker-1.job.ns.svc", "sleep 1",
+                                                   "job-worker-1.job.ns.svc", "sleep 2", "job-worker-1.job.ns.svc"]
+    assert "job-worker-1.job.ns.svc does not resolve yet; trying again in 2s" in result.stderr
+    tries.unlink()
+    assert run_script(entrypoint, "sh", "-c", "echo worker", PATH=path, K_MPI_JOB_ROLE="worker").stdout == "worker\n"
+    assert not tries.exists()
+
+
 def test_hostfile_example_reads_as_documented():
     hosts = parse_hostfile(str(LAUNCH / "hostfile.example"))
     assert [(h.name, h.slots, h.syntax) for h in hosts] == [("node01", 4, "openmpi"), ("node02", 4, "openmpi")]
@@ -299,8 +320,9 @@ def test_mpijob_has_what_the_mpi_operator_needs():
 def test_mpijob_launcher_runs_commands_distprop_takes():
     job = yaml.safe_load(string.Template(MPIJOB.read_text()).substitute(PARAMETERS))
     launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    assert launcher["command"] == ["bash", "-c"]
-    steps = [shlex.split(step.strip().removeprefix("exec ")) for step in launcher["args"][0].split("&&")]
+    assert "command" not in launcher  # the image's entrypoint runs first: it waits for the workers' names
+    assert launcher["args"][:2] == ["bash", "-c"]
+    steps = [shlex.split(step.strip().removeprefix("exec ")) for step in launcher["args"][2].split("&&")]
     check, train = (build_parser("launch").parse_args(step[1:]) for step in steps)
     assert check.check and check.hostfile == train.hostfile == "/etc/mpi/hostfile"
     assert check.gpus_per_node == train.gpus_per_node == 4

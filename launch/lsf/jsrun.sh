@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LSF with jsrun (IBM Spectrum MPI, Summit-like nodes: 6 GPUs, 42 cores): 2 nodes,
 # one rank per GPU.
-#   bsub launch/lsf/jsrun.sh               (edit the #BSUB lines and the paths first)
+#   bsub < launch/lsf/jsrun.sh             (edit the #BSUB lines and the paths first)
 #BSUB -J distprop
 #BSUB -P PROJECT123
 #BSUB -nnodes 2

@@ -22,8 +22,10 @@ source "${DISTPROP_VENV:-$HOME/venvs/distprop}/bin/activate"
 # outputs to the shared filesystem, where rank 0 writes them.
 SHARED_DATA="$HOME/datasets/cifar10"
 DATA="${SLURM_TMPDIR:-/tmp/$USER.$SLURM_JOB_ID}/cifar10"
-srun --ntasks-per-node=1 --cpus-per-task=1 mkdir -p "$DATA"
-srun --ntasks-per-node=1 --cpus-per-task=1 cp -r "$SHARED_DATA/." "$DATA/"
+# One task per node: srun would otherwise take the job's task count from sbatch.
+once_per_node=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task=1)
+srun "${once_per_node[@]}" mkdir -p "$DATA"
+srun "${once_per_node[@]}" cp -r "$SHARED_DATA/." "$DATA/"
 OUT="$PWD/runs/$SLURM_JOB_ID"
 
 # Preflight through mpirun: one line per rank, allreduce and broadcast verified, bandwidth.

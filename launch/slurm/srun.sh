@@ -21,8 +21,10 @@ source "${DISTPROP_VENV:-$HOME/venvs/distprop}/bin/activate"
 # there; leave DATA on the shared filesystem if it does not fit on the node.
 SHARED_DATA="$HOME/datasets/cifar10"            # train/ and test/ in distprop's Parquet format
 DATA="${SLURM_TMPDIR:-/tmp/$USER.$SLURM_JOB_ID}/cifar10"
-srun --ntasks-per-node=1 --cpus-per-task=1 mkdir -p "$DATA"
-srun --ntasks-per-node=1 --cpus-per-task=1 cp -r "$SHARED_DATA/." "$DATA/"
+# One task per node: srun would otherwise take the job's task count from sbatch.
+once_per_node=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task=1)
+srun "${once_per_node[@]}" mkdir -p "$DATA"
+srun "${once_per_node[@]}" cp -r "$SHARED_DATA/." "$DATA/"
 # Outputs (checkpoints, metrics) go to the shared filesystem: rank 0 writes them.
 OUT="$PWD/runs/$SLURM_JOB_ID"
 
