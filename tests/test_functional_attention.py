@@ -153,3 +153,58 @@ def test_attention_rejects_conflicting_masks():
         F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(), is_causal=True)
     with pytest.raises(ValueError, match="not both"):
         F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(), mask=_bool_mask())
+
+
+def test_attention_with_an_additive_mask_and_one_sided_gradients():
+    q, k, v = _qkv(seed=11)
+    mask = np.random.default_rng(12).standard_normal((4, 6))
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(5) + mask
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    y = F.scaled_dot_product_attention(dp.tensor(q), dp.tensor(k), dp.tensor(v), attn_mask=mask)
+    np.testing.assert_allclose(y.data, p @ v, rtol=1e-12)
+    every = [dp.tensor(a, requires_grad=True) for a in (q, k, v, mask)]
+    F.scaled_dot_product_attention(*every[:3], attn_mask=every[3]).sum().backward()
+    for wanted in range(4):
+        some = [dp.tensor(a, requires_grad=i == wanted) for i, a in enumerate((q, k, v, mask))]
+        F.scaled_dot_product_attention(*some[:3], attn_mask=some[3]).sum().backward()
+        for i, (t, reference) in enumerate(zip(some, every)):
+            if i == wanted:
+                np.testing.assert_allclose(t.grad, reference.grad, rtol=1e-12, atol=1e-15)
+            else:
+                assert t.grad is None
+
+
+class _Draws:
+    def __init__(self, draws):
+        self.draws = np.asarray(draws, np.float64)
+
+    def random(self, shape):
+        return np.broadcast_to(self.draws, shape).copy()
+
+
+def test_attention_dropout_keeps_weights_whose_draw_is_at_least_p_and_rescales():
+    q, k, v = _qkv(seed=13, batch=(1,), length=2, source=4)
+    draws = np.array([0.25 - 1e-12, 0.25, 0.9, 0.0])  # per key, the same for both queries
+    y = F.scaled_dot_product_attention(dp.tensor(q), dp.tensor(k), dp.tensor(v), dropout_p=0.25,
+                                       generator=_Draws(draws))
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(5)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    expected = (weights * (draws >= 0.25) / 0.75) @ v
+    np.testing.assert_allclose(y.data, expected, rtol=1e-12)
+    everything = F.scaled_dot_product_attention(dp.tensor(q), dp.tensor(k), dp.tensor(v), dropout_p=1.0,
+                                                generator=_Draws(draws))
+    np.testing.assert_array_equal(everything.data, np.zeros_like(everything.data))
+
+
+def test_attention_argument_errors_say_what():
+    q, k, v = (dp.tensor(a) for a in _qkv())
+    with pytest.raises(ValueError, match=r"^scaled_dot_product_attention: give attn_mask or mask, not both$"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(), mask=_bool_mask())
+    with pytest.raises(ValueError, match=r"^scaled_dot_product_attention: is_causal and attn_mask cannot both "
+                                         r"be set$"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(), is_causal=True)
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"^dropout_p must be in \[0, 1\], got {p}$"):
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p)
