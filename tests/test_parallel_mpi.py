@@ -531,3 +531,52 @@ def test_broadcast_buffers_off_leaves_each_rank_its_own(comm, wrap):
     model(dp.tensor(np.zeros((4, 3), np.float32))).sum().backward()  # zero inputs: the batch mean is the bias
     expected = 0.9 * comm.rank + 0.1 * to_numpy(net[0].bias.data)
     agree(comm, np.allclose(net[1].running_mean, expected, rtol=1e-6), f"running mean {net[1].running_mean}")
+
+
+def test_collectives_give_what_their_names_say(comm):
+    r, n = comm.rank, comm.size
+    values = np.array([r, -r, 2 * r + 1], np.float64)
+    for op, expected in (("sum", [n * (n - 1) / 2, -n * (n - 1) / 2, n * n]), ("max", [n - 1, 0, 2 * n - 1]),
+                         ("min", [0, -(n - 1), 1]), ("mean", [(n - 1) / 2, -(n - 1) / 2, n])):
+        reduced = values.copy()
+        assert comm.allreduce_(reduced, op) is reduced
+        agree(comm, reduced.tolist() == expected, f"allreduce_ {op}: {reduced} != {expected}")
+    total = comm.allreduce(10 ** 12 + r)  # Python ints stay exact integers
+    agree(comm, total == n * 10 ** 12 + n * (n - 1) // 2 and isinstance(total, int), f"int sum {total!r}")
+    agree(comm, comm.allreduce(float(r), "max") == n - 1.0, "float max")
+    gathered = comm.allgather(np.array([[r, r * r]], np.int32))
+    agree(comm, gathered.shape == (n, 1, 2) and gathered[:, 0, 1].tolist() == [k * k for k in range(n)],
+          f"allgather {gathered.tolist()}")
+    root = n - 1
+    array = np.full(3, float(r))
+    comm.bcast_(array, root=root)
+    agree(comm, array.tolist() == [root] * 3, f"bcast_ from {root}: {array}")
+    agree(comm, comm.bcast_object({"from": r}, root=root) == {"from": root}, "bcast_object")
+    agree(comm, comm.allgather_object(r * 10) == [k * 10 for k in range(n)], "allgather_object")
+    comm.barrier()
+
+
+def test_collective_errors_say_what_and_happen_before_any_communication(comm):
+    with pytest.raises(ValueError, match=r"^reduction op must be one of \('sum', 'mean', 'max', 'min', 'bf16_sum'\), "
+                                         r"got 'avg'$"):
+        comm.allreduce_(np.zeros(2), "avg")
+    with pytest.raises(ValueError, match=r"^allreduce_ needs a C-contiguous array \(a reduction into a copy "
+                                         r"would be lost\)$"):
+        comm.allreduce_(np.zeros((3, 4))[:, ::2], "sum")
+    with pytest.raises(ValueError, match=r"^bcast_ needs a C-contiguous array$"):
+        comm.bcast_(np.zeros((3, 4)).T)
+    with pytest.raises(TypeError, match=r"^an in-place 'mean' needs a floating-point array, got int64 "):
+        comm.allreduce_(np.array([1, 2]), "mean")
+    comm.barrier()  # every rank raised before communicating: nobody is left waiting
+
+
+def test_a_duplicate_communicator_is_separate_and_freed(comm):
+    twin = comm.dup()
+    assert (twin.rank, twin.size) == (comm.rank, comm.size) and twin.mpi_comm is not comm.mpi_comm
+    value = np.array([1.0])
+    twin.allreduce_(value, "sum")
+    twin.free()
+    comm.free()  # the job's own communicator is never freed
+    agree(comm, value[0] == comm.size and comm.allreduce(1) == comm.size, "dup/free")
+    assert repr(comm) == (f"MPICommunicator(rank={comm.rank}, size={comm.size}, local_rank={comm.local_rank}, "
+                          f"local_size={comm.local_size})")
