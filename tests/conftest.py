@@ -46,7 +46,7 @@ def pytest_configure(config):
 
         if not backend.gpu_available():
             raise pytest.UsageError("--device gpu: cupy is not installed or sees no GPU")
-    config.pluginmanager.register(SkipLedger(config), "distprop-skip-ledger")
+    config.pluginmanager.register(SuitePolicy(config), "distprop-suite-policy")
 
 
 @pytest.fixture(scope="session")
@@ -83,9 +83,9 @@ def accepted(reason: str) -> bool:
     return reason.startswith(ACCEPTED_SKIPS) or bool(TOO_FEW_RANKS.match(reason))
 
 
-class SkipLedger:
-    """Leaves MPI tests out of plain runs, counts skips by reason, and fails the run
-    on a skip that is not accepted."""
+class SuitePolicy:
+    """Leaves MPI tests out of plain runs, counts skips by reason, fails the run on a
+    skip that is not accepted, and says how to repeat a random order."""
 
     def __init__(self, config):
         self.config = config
