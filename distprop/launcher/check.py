@@ -57,13 +57,12 @@ def size_mismatch(comm, environ) -> str | None:
     """Why MPI's world is not the one the launcher started, or None. Where mpi4py
     loads another MPI library than the launcher's, every process runs alone as
     "rank 0 of 1": the job looks fine and trains N separate models."""
-    for name in LAUNCHER_SIZES:
-        started = environ.get(name, "")
-        if started.isdigit() and int(started) != comm.size:
-            return (f"MPI gives {comm.size} rank(s) where the launcher started {started} ({name}={started}): "
-                    f"mpi4py loads {mpi_library()}, not the MPI whose mpiexec started it; use that MPI's "
-                    "mpiexec or build mpi4py against it (launch/README.md)")
-    return None
+    name = next((name for name in LAUNCHER_SIZES if environ.get(name, "").isdigit()), None)
+    if name is None or int(environ[name]) == comm.size:  # one launcher started us: its variable comes first
+        return None
+    return (f"MPI gives {comm.size} rank(s) where the launcher started {environ[name]} ({name}={environ[name]}): "
+            f"mpi4py loads {mpi_library()}, not the MPI whose mpiexec started it; use that MPI's "
+            "mpiexec or build mpi4py against it (launch/README.md)")
 
 
 def describe(comm, device: str) -> str:
