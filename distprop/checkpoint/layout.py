@@ -42,7 +42,7 @@ def complete_checkpoints(root) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint under `root`, by step."""
     try:
         names = os.listdir(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no checkpoints (yet)
         return []
     found = []
     for name in names:
@@ -58,7 +58,7 @@ def read_latest(root) -> str | None:
     try:
         with open(os.path.join(root, LATEST), encoding="utf-8") as file:
             name = file.read().strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
     path = os.path.join(root, name)
     return path if step_of(name) is not None and is_complete(path) else None

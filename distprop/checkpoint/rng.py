@@ -13,6 +13,13 @@ import numpy as np
 from distprop import random as distprop_random
 
 
+def seed(value: int) -> None:
+    """Seed every generator that `capture` saves, from one integer."""
+    distprop_random.manual_seed(value)
+    np.random.seed(value % 2**32)
+    python_random.seed(value)
+
+
 def capture() -> dict:
     legacy = np.random.get_state(legacy=False)
     legacy["state"] = {"key": legacy["state"]["key"].tolist(), "pos": int(legacy["state"]["pos"])}

@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         elif meta["is_list"]:
             kwargs.update(nargs="+", metavar=meta["type"].__name__.upper())
         else:
-            kwargs["metavar"] = (meta["choices"] and "{" + ",".join(meta["choices"]) + "}") or \
+            kwargs["metavar"] = meta["metavar"] or (meta["choices"] and "{" + ",".join(meta["choices"]) + "}") or \
                 meta["type"].__name__.upper()
         parser.add_argument(flag(name), **kwargs)
     _one_line_errors(parser)
@@ -115,7 +115,7 @@ def run(args) -> int:
     except UserError as error:
         report(str(error))
         return 2
-    from distprop.train.job import run_job, start
+    from distprop.train.job import interrupted_message, run_job, start
 
     comm, device = start(config)
     try:
@@ -124,4 +124,10 @@ def run(args) -> int:
         if comm.rank == 0:
             print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback
+        if comm.rank == 0:
+            print(f"{PROG}: {interrupted_message(config.out)}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # other ranks may wait in a collective this rank will never join
+            comm.abort(130)
+        return 130
     return 0

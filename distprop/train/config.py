@@ -9,9 +9,11 @@ out of range says which option, which value and where it came from.
 When resuming, an option not given takes the checkpoint's value, so ``--resume``
 alone continues the same job. *Trajectory* options decide what is computed
 (model, data, optimizer, schedule, batch, seed): giving one that differs from the
-checkpoint's is an error. *Run* options (length, logging, checkpoints, device) may
-be changed. *Invocation* options (out, resume, stop_at, keep_global_batch,
-timeline) belong to one command and are never taken from a checkpoint.
+checkpoint's is an error. *Run* options (length, logging, checkpoints) may be
+changed. *Invocation* options (out, resume, stop_at, keep_global_batch, timeline)
+belong to one command and are never taken from a checkpoint, nor are device and
+threads (the resumed run may run elsewhere). Sizes whose default depends on the
+model are filled in, so a config says what is trained.
 
 TOML is read with the standard library's `tomllib` (Python >= 3.11); on Python
 3.10 the `tomli` package, which distprop then depends on, provides the same module.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from distprop.errors import ConfigError
 
@@ -31,6 +33,11 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
 MODELS = ("mlp", "lenet", "resnet20", "transformer")
+# Sizes whose default depends on the model; a config holds the model's own once built,
+# so what is printed, saved and compared on resume is what is trained.
+MODEL_SIZES = {"mlp": {"hidden_sizes": [256]},
+               "lenet": {"hidden_sizes": [120, 84], "channels": [6, 16]},
+               "resnet20": {"widths": [16, 32, 64]}}
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
 DEVICES = ("auto", "cpu", "gpu")
@@ -38,12 +45,13 @@ PROGRESS = ("auto", "bar", "log", "none")
 
 
 def option(default, help: str, *, type=None, kind: str = "run", choices=None, minimum=None, below=None,
-           models=None, is_list: bool = False, optional: bool = False):
+           models=None, is_list: bool = False, optional: bool = False, metavar: str | None = None):
     """A config field: `type` of the value (of each item, for lists), `minimum`
-    (inclusive) and `below` (exclusive) bounds, `models` it applies to."""
+    (inclusive) and `below` (exclusive) bounds, `models` it applies to, the flag's
+    `metavar` in --help (default: the type's name)."""
     kind_of_value = type or (bool if isinstance(default, bool) else default.__class__)
     meta = dict(help=help, type=kind_of_value, kind=kind, choices=choices, minimum=minimum, below=below,
-                models=models, is_list=is_list, optional=optional)
+                models=models, is_list=is_list, optional=optional, metavar=metavar)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,7 +61,7 @@ def option(default, help: str, *, type=None, kind: str = "run", choices=None, mi
 class TrainConfig:
     # -- model ---------------------------------------------------------------------
     model: str = option("mlp", "model to train", kind="trajectory", choices=MODELS)
-    hidden_sizes: list = option(None, "hidden layer widths (mlp: [256]; lenet's classifier: [120, 84])",
+    hidden_sizes: list = option(None, "hidden layer widths (default: mlp [256]; lenet's classifier [120, 84])",
                                 type=int, kind="trajectory", is_list=True, optional=True, minimum=1,
                                 models=("mlp", "lenet"))
     channels: list = option(None, "lenet: channels of its two convolutions (default [6, 16])", type=int,
@@ -75,11 +83,11 @@ class TrainConfig:
     # -- data ----------------------------------------------------------------------
     data: str = option("digits", "dataset: a directory with train/ and test/ splits in distprop's Parquet "
                        "format, or 'digits' (UCI digits, written under OUT/data on first use)",
-                       kind="trajectory")
+                       kind="trajectory", metavar="PATH")
     input_column: str = option(None, "column fed to the model (default: 'image', 'features', 'input' or "
                                "the only column besides the label)", type=str, kind="trajectory",
-                               optional=True)
-    label_column: str = option("label", "integer class column", kind="trajectory")
+                               optional=True, metavar="COLUMN")
+    label_column: str = option("label", "integer class column", kind="trajectory", metavar="COLUMN")
     num_classes: int = option(None, "number of classes (default: largest label in train/ + 1)", type=int,
                               kind="trajectory", optional=True, minimum=2)
     # -- optimization --------------------------------------------------------------
@@ -123,7 +131,7 @@ class TrainConfig:
                              minimum=0)
     eval_batch_size: int = option(256, "samples per rank per evaluation batch", minimum=1)
     out: str = option("runs/train", "output directory: config, metrics.jsonl, summary.json, checkpoints/",
-                      kind="invocation")
+                      kind="invocation", metavar="DIR")
     checkpoint_every: int = option(0, "write a checkpoint every this many steps (0: at the end of each "
                                    "epoch), and always at the end", minimum=0)
     keep_checkpoints: int = option(3, "complete checkpoints to keep (at least 2)", minimum=2)
@@ -137,7 +145,7 @@ class TrainConfig:
                            "or 'bar', 'log', 'none'", choices=PROGRESS)
     verbose: bool = option(False, "other ranks print their own log lines too")
     timeline: str = option(None, "write a Chrome trace (Perfetto, chrome://tracing) of a window of steps "
-                           "to this file", type=str, optional=True, kind="invocation")
+                           "to this file", type=str, optional=True, kind="invocation", metavar="FILE")
     timeline_start: int = option(10, "first step of the timeline's window (clamped to the run)", minimum=1,
                                  kind="invocation")
     timeline_steps: int = option(5, "steps in the timeline's window", minimum=1, kind="invocation")
@@ -149,10 +157,21 @@ class TrainConfig:
                           type=int, optional=True, minimum=1)
     bucket_mb: float = option(25.0, "gradient bucket size for the overlapped allreduce (MB)", minimum=0.001)
 
+    def __post_init__(self):
+        for name, size in MODEL_SIZES.get(self.model, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(size))
+
     @property
     def explicit(self) -> frozenset:
         """Names given in the TOML file or as flags (set by `resolve_config`)."""
         return getattr(self, "_explicit", frozenset())
+
+    def replaced(self, **changes) -> "TrainConfig":
+        """A copy with `changes`, the same names counting as given."""
+        config = replace(self, **changes)
+        config._explicit = self.explicit
+        return config
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -307,10 +326,11 @@ def to_toml(config: TrainConfig) -> str:
     lines = []
     for name, value in config.to_dict().items():
         models = OPTIONS[name].metadata["models"]
-        if value is None:
+        if models and config.model not in models:
+            shown = "" if value is None else _toml_value(value) + " "
+            lines.append(f"# {name} = {shown} ({' or '.join(models)} only)")
+        elif value is None:
             lines.append(f"# {name} =  (not set)")
-        elif models and config.model not in models:
-            lines.append(f"# {name} = {_toml_value(value)}  ({' or '.join(models)} only)")
         elif name in INVOCATION:
             lines.append(f"# {name} = {_toml_value(value)}  (this run's)")
         else:

@@ -13,7 +13,7 @@ import os
 
 import distprop as dp
 from distprop import backend
-from distprop.checkpoint import read_checkpoint
+from distprop.checkpoint import CheckpointError, newest_checkpoint, read_checkpoint, rng
 from distprop.checkpoint.durable import write_text_durably
 from distprop.errors import ConfigError, UserError
 from distprop.train import data as job_data
@@ -43,6 +43,27 @@ def agreed(comm, function, *args):
     return result
 
 
+def on_rank_zero(comm, what: str, function, *args, share: bool = True):
+    """function(*args) on rank 0 only; its UserError, or an OSError (prefixed with
+    `what`), raised on every rank. Returns its result on every rank if `share`, else
+    on rank 0 only (None elsewhere)."""
+    result = message = None
+    if comm.rank == 0:
+        try:
+            result = function(*args)
+        except UserError as error:
+            message = str(error)
+        except OSError as error:
+            message = f"{what}: {error}"
+    if comm.size > 1:
+        shared, message = comm.bcast_object((result if share else None, message), root=0)
+        if share:
+            result = shared
+    if message is not None:
+        raise ConfigError(message)
+    return result
+
+
 def start(config):
     """The job's communicator and device ('cpu' or 'gpu')."""
     comm = dp.init(device=None if config.device == "auto" else config.device, threads=config.threads)
@@ -55,43 +76,35 @@ def start(config):
 
 def run_job(config, comm, device: str) -> dict:
     """Prepare everything, train, and return the summary (also in OUT/summary.json)."""
-    out = config.out
-    path = agreed(comm, resume.checkpoint_to_resume, config)
-    checkpoint = read_checkpoint(path, comm) if path is not None else None
-    if checkpoint is None:
-        agreed(comm, resume.check_fresh_start, config)
-        if config.resume is not None:
-            _say(comm, f"no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting the job")
-    else:
-        config = agreed(comm, resume.reconcile, config, checkpoint)
+    checkpoint, config = _checkpoint_and_config(config, comm)
     trainer_state = checkpoint.extra["trainer"] if checkpoint is not None else None
-    agreed(comm, job_data.check_dataset_directory, config, out)
-
-    directory = job_data.dataset_directory(config, out)
-    if config.data == "digits":
-        on_rank_zero(comm, job_data.write_digits_once, directory)
-    spec, label, train_samples = agreed(comm, job_data.describe_columns, config, directory)
-    train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
-    num_classes = config.num_classes or on_rank_zero(comm, job_data.count_classes, train_dir, label)
-    dataset = job_data.Dataset(train_dir, test_dir, spec, label, num_classes, train_samples)
+    config, dataset = _dataset(config, comm)
 
     batch = agreed(comm, resume.per_rank_batch, config, checkpoint, trainer_state, comm.size)
     train_loader, test_loader = agreed(comm, job_data.make_loaders, config, dataset, batch, comm, device)
+    if checkpoint is not None:
+        checkpoint.restore(loader=train_loader, rng_state=False, comm=comm)
+    # Every rank must see the same data, at the same position, or the step counts differ and the job hangs.
+    agreed(comm, train_loader.check_consistent, comm)
     steps_per_epoch = len(train_loader) // config.accumulation_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"accumulation_steps ({config.accumulation_steps}) is more than the "
                           f"{len(train_loader)} batches of {batch} per rank in an epoch")
 
     dp.manual_seed(config.seed)  # the same initial weights on every rank (rank 0's are broadcast anyway)
-    model = agreed(comm, build_model, config, spec, num_classes)
+    model = agreed(comm, build_model, config, dataset.input, dataset.num_classes)
     if device == "gpu":
         model.to(device="gpu")
     model = dp.DataParallel(model, comm, bucket_mb=config.bucket_mb, first_bucket_mb=min(1.0, config.bucket_mb))
     lr = peak_lr(config, batch, comm.size)
     optimizer = build_optimizer(config, model.parameters(), lr)
 
-    if checkpoint is not None:
-        checkpoint.restore(loader=train_loader, rng_state=False, comm=comm)
+    if checkpoint is None:
+        total = config.steps or config.epochs * steps_per_epoch
+        scheduler = agreed(comm, build_schedule, config, optimizer, total)
+        state = TrainerState(per_rank_batch=batch, peak_lr=lr, total_steps=total)
+        rng.seed(_rank_seed(config.seed, comm.rank, 0))  # dropout masks differ between ranks
+    else:
         state = TrainerState.from_dict(trainer_state)
         remaining = 0 if state.epoch_done else job_data.batches_left_in_epoch(train_loader) // config.accumulation_steps
         total = config.steps or state.step + remaining + (config.epochs - state.epoch - 1) * steps_per_epoch
@@ -100,37 +113,19 @@ def run_job(config, comm, device: str) -> dict:
                        "do (give more --epochs or --steps to train on)")
             model.close()
             return {"step": state.step, "total_steps": total, "nothing_to_do": True}
-        if (total, lr) == (state.total_steps, state.peak_lr):
-            # Built before the optimizer's state is loaded: building sets the lr it restores.
-            scheduler = agreed(comm, build_schedule, config, optimizer, total)
-            checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler, rng_state=False, comm=comm)
-        else:
-            checkpoint.restore(model=model, optimizer=optimizer, rng_state=False, comm=comm)
-            scheduler = agreed(comm, restart_schedule, config, optimizer, total, lr, state.step)
-            _say(comm, f"the job now has {total} steps at lr {lr:g} (the checkpoint's schedule: "
-                       f"{state.total_steps} at {state.peak_lr:g}): the schedule continues on the new curve")
-        if not checkpoint.restore(rng_state=True, comm=comm):  # last: nothing draws after it
-            dp.manual_seed(_rank_seed(config.seed, comm.rank, state.step))
+        scheduler = _restore_training(config, comm, checkpoint, state, model, optimizer, lr, total)
         state.per_rank_batch, state.peak_lr, state.total_steps = batch, lr, total
         _say(comm, f"resuming from {checkpoint.path} (step {state.step}, saved by {checkpoint.world_size} "
                    f"rank(s), now {comm.size} with {batch} samples each)")
-    else:
-        total = config.steps or config.epochs * steps_per_epoch
-        scheduler = agreed(comm, build_schedule, config, optimizer, total)
-        state = TrainerState(per_rank_batch=batch, peak_lr=lr, total_steps=total)
-        dp.manual_seed(_rank_seed(config.seed, comm.rank, 0))  # dropout masks differ between ranks
     if config.stop_at is not None and config.stop_at <= state.step:
         raise ConfigError(f"stop_at ({config.stop_at}) is not after the checkpoint's step {state.step}")
 
-    metrics_log = None
+    metrics_log = on_rank_zero(comm, "out", _open_outputs, config, checkpoint, trainer_state, share=False)
     if comm.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        write_text_durably(os.path.join(out, "config.toml"), to_toml(config))
-        print(f"distprop train: {comm.size} rank(s) on {device}, {num_classes} classes, input "
-              f"'{spec.name}' {spec.describe()}, global batch {batch * comm.size * config.accumulation_steps}, "
-              f"{steps_per_epoch} steps per epoch, {total} steps\n{describe(config)}", flush=True)
-        keep = resume.metrics_lines_to_keep(config, checkpoint, trainer_state)
-        metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl"), keep)
+        print(f"distprop train: {comm.size} rank(s) on {device}, {dataset.num_classes} classes, input "
+              f"'{dataset.input.name}' {dataset.input.describe()}, global batch "
+              f"{batch * comm.size * config.accumulation_steps}, {steps_per_epoch} steps per epoch, {total} steps\n"
+              f"{describe(config)}", flush=True)
     timeline = None
     if config.timeline:
         last = min(total, config.stop_at or total)
@@ -139,8 +134,8 @@ def run_job(config, comm, device: str) -> dict:
 
     progress = Progress(choose_mode(config.progress, comm.rank, config.verbose), comm.rank, total, state.step)
     trainer = Trainer(config=config, comm=comm, model=model, optimizer=optimizer, scheduler=scheduler,
-                      train_loader=train_loader, test_loader=test_loader, prepare=input_preparer(config, spec),
-                      input_name=spec.name, label=label, state=state, out=out,
+                      train_loader=train_loader, test_loader=test_loader, prepare=input_preparer(config, dataset.input),
+                      input_name=dataset.input.name, label=dataset.label, state=state, out=config.out,
                       epochs=None if config.steps else config.epochs, metrics_log=metrics_log, progress=progress,
                       timeline=timeline)
     try:
@@ -153,31 +148,85 @@ def run_job(config, comm, device: str) -> dict:
     if timeline is not None:
         timeline.write(config.timeline)
     if comm.rank == 0:
-        write_text_durably(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+        write_text_durably(os.path.join(config.out, "summary.json"), json.dumps(summary, indent=1) + "\n")
         if summary["test_accuracy"] is not None:
             print(f"final test accuracy {summary['test_accuracy']:.4f}  test loss {summary['test_loss']:.4f}  "
                   f"after {summary['step']} steps, {summary['elapsed_s']:.1f} s", flush=True)
     return summary
 
 
-def on_rank_zero(comm, function, *args):
-    """function(*args) on rank 0 only, its result (or its UserError) on every rank."""
-    result = message = None
-    if comm.rank == 0:
-        try:
-            result = function(*args)
-        except (UserError, OSError) as error:
-            message = str(error)
-    if comm.size > 1:
-        result, message = comm.bcast_object((result, message), root=0)
-    if message is not None:
-        raise ConfigError(message)
-    return result
+def _checkpoint_and_config(config, comm):
+    """The checkpoint to resume from (None for a new job), and the config to run:
+    a resumed job's takes the checkpoint's options not given again."""
+    path = agreed(comm, resume.checkpoint_to_resume, config)
+    if path is None:
+        agreed(comm, resume.check_fresh_start, config)
+        if config.resume is not None:
+            _say(comm, f"no checkpoint in {os.path.join(config.out, 'checkpoints')} yet: starting the job")
+        return None, config
+    try:
+        checkpoint = read_checkpoint(path, comm)
+    except CheckpointError as error:  # raised alike on every rank
+        raise ConfigError(f"resume: {error}") from None
+    return checkpoint, agreed(comm, resume.reconcile, config, checkpoint)
+
+
+def _dataset(config, comm):
+    """The dataset (digits written on first use), and the config with the input
+    column and the number of classes it found filled in."""
+    agreed(comm, job_data.check_dataset_directory, config, config.out)
+    directory = job_data.dataset_directory(config, config.out)
+    if config.data == "digits":
+        on_rank_zero(comm, f"data: cannot write the digits to {directory}", job_data.write_digits_once, directory)
+    spec, label, train_samples = agreed(comm, job_data.describe_columns, config, directory)
+    train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
+    num_classes = config.num_classes or on_rank_zero(comm, f"data: {train_dir}", job_data.count_classes,
+                                                     train_dir, label)
+    dataset = job_data.Dataset(train_dir, test_dir, spec, label, num_classes, train_samples)
+    return config.replaced(input_column=spec.name, num_classes=num_classes), dataset
+
+
+def _restore_training(config, comm, checkpoint, state, model, optimizer, lr: float, total: int):
+    """Model, optimizer, schedule and random generators from the checkpoint; returns
+    the schedule. A job whose length or lr changed keeps the optimizer's moments and
+    continues on the new schedule's curve."""
+    if (total, lr) == (state.total_steps, state.peak_lr):
+        # Built before the optimizer's state is loaded: building sets the lr it restores.
+        scheduler = agreed(comm, build_schedule, config, optimizer, total)
+        checkpoint.restore(model=model, optimizer=optimizer, scheduler=scheduler, rng_state=False, comm=comm)
+    else:
+        checkpoint.restore(model=model, optimizer=optimizer, rng_state=False, comm=comm)
+        scheduler = agreed(comm, restart_schedule, config, optimizer, total, lr, state.step)
+        _say(comm, f"the job now has {total} steps at lr {lr:g} (the checkpoint's schedule: "
+                   f"{state.total_steps} at {state.peak_lr:g}): the schedule continues on the new curve")
+    if not checkpoint.restore(rng_state=True, comm=comm):  # last: nothing draws after it
+        rng.seed(_rank_seed(config.seed, comm.rank, state.step))
+    return scheduler
+
+
+def _open_outputs(config, checkpoint, trainer_state) -> MetricsLog:
+    """Rank 0: OUT, config.toml, the timeline's directory, and metrics.jsonl (a
+    resumed run's own file cut back to its checkpoint)."""
+    os.makedirs(config.out, exist_ok=True)
+    if config.timeline:
+        os.makedirs(os.path.dirname(os.path.abspath(config.timeline)), exist_ok=True)
+    write_text_durably(os.path.join(config.out, "config.toml"), to_toml(config))
+    keep = resume.metrics_lines_to_keep(config, checkpoint, trainer_state)
+    return MetricsLog(os.path.join(config.out, "metrics.jsonl"), keep)
+
+
+def interrupted_message(out: str) -> str:
+    """What rank 0 says when the job is interrupted (Ctrl-C)."""
+    newest = newest_checkpoint(os.path.join(out, "checkpoints"))
+    if newest is None:
+        return "interrupted before the first checkpoint"
+    return f"interrupted; the newest complete checkpoint is {newest}: continue with --resume"
 
 
 def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """A seed of its own for each rank's dropout masks (and each resumed stretch, so a
-    stream never repeats after a resume at another world size)."""
+    """A seed of its own for each rank's random generators -- dropout masks, and
+    numpy's and Python's global ones for whatever else draws -- and each resumed
+    stretch, so a stream never repeats after a resume at another world size."""
     import numpy as np
 
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
@@ -186,4 +235,3 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
 def _say(comm, text: str) -> None:
     if comm.rank == 0:
         print(f"distprop train: {text}", flush=True)
-

@@ -18,17 +18,17 @@ from distprop.errors import ConfigError
 def build_model(config, spec: ColumnSpec, num_classes: int) -> nn.Module:
     shape = spec.shape
     if config.model == "mlp":
-        return nn.MLP(int(math.prod(shape)), config.hidden_sizes or [256], num_classes, dropout=config.dropout)
+        return nn.MLP(int(math.prod(shape)), config.hidden_sizes, num_classes, dropout=config.dropout)
     if config.model == "lenet":
         channels, height, width = _image_shape(config, spec)
         return nn.LeNet(num_classes, in_channels=channels, input_size=(height, width),
-                        channels=config.channels or (6, 16), hidden_sizes=config.hidden_sizes or (120, 84),
+                        channels=config.channels, hidden_sizes=config.hidden_sizes,
                         dropout=config.dropout)
     if config.model == "resnet20":
         if config.dropout:
             raise ConfigError("dropout: resnet20 has no dropout layers")
         channels, _, _ = _image_shape(config, spec)
-        return nn.resnet_small(num_classes, channels, config.widths or (16, 32, 64), config.blocks_per_stage)
+        return nn.resnet_small(num_classes, channels, config.widths, config.blocks_per_stage)
     if config.model == "transformer":
         if config.d_model % config.nhead:
             raise ConfigError(f"d_model ({config.d_model}) must be divisible by nhead ({config.nhead})")

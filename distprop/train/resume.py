@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 from distprop.checkpoint import layout
 from distprop.errors import ConfigError
 from distprop.train.config import INVOCATION, OPTIONS, TRAJECTORY, validate
+
+# Applied when the job starts, before any checkpoint is read: where this run runs,
+# never taken from the checkpoint (the resumed run may be on other machines).
+PLACED_AT_START = ("device", "threads")
 
 
 def checkpoint_to_resume(config) -> str | None:
@@ -29,8 +32,8 @@ def check_fresh_start(config) -> None:
 
 def reconcile(config, checkpoint):
     """The config to resume with: the checkpoint's value of every option this
-    invocation did not give (but out, resume, stop_at, keep_global_batch and the
-    timeline's), so that ``--resume`` alone continues the same job. A given
+    invocation did not give (but out, resume, stop_at, keep_global_batch, the
+    timeline's, device and threads), so that ``--resume`` alone continues the same job. A given
     trajectory option (model, data, optimizer, schedule, batch, seed) that differs
     from the checkpoint's is an error, raised before anything is written."""
     saved = checkpoint.config
@@ -40,7 +43,7 @@ def reconcile(config, checkpoint):
                           "script?); load it with distprop.load_checkpoint instead")
     updates = {}
     for name in OPTIONS:
-        if name not in saved or name in INVOCATION:
+        if name not in saved or name in INVOCATION or name in PLACED_AT_START:
             continue
         if name not in config.explicit:
             updates[name] = saved[name]
@@ -48,8 +51,7 @@ def reconcile(config, checkpoint):
             raise ConfigError(f"{name} = {getattr(config, name)!r} contradicts the checkpoint's {name} = "
                               f"{saved[name]!r} ({checkpoint.path}); a resumed job keeps its model, data, "
                               "optimizer and schedule (use another --out for a new job)")
-    resumed = replace(config, **updates)
-    resumed._explicit = config.explicit
+    resumed = config.replaced(**updates)
     validate(resumed)
     return resumed
 

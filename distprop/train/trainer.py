@@ -40,6 +40,7 @@ class TrainerState:
     per_rank_batch: int = 0
     peak_lr: float = 0.0
     total_steps: int = 0       # the job's length the schedule was built for
+    evaluated_step: int = -1   # the step of the last evaluation (a resumed run must not repeat it)
     metrics_lines: int = 0     # lines in metrics.jsonl (rank 0's count)
     elapsed_s: float = 0.0     # wall time of the job's runs so far
     windows: dict | None = None  # loss sums of the open log and eval windows, averaged over ranks
@@ -75,7 +76,7 @@ class Trainer:
         self.timed = None  # summary.json's window: from the end of timing_warmup on
         self.run_steps = 0
         self.lr = optimizer.param_groups[0]["lr"]
-        self.last_eval_step = self.last_checkpoint_step = None
+        self.last_checkpoint_step = None
         self.last_eval: dict = {}
         self.checkpoint_path = None
         self.started, self.elapsed_before = clock(), state.elapsed_s
@@ -167,14 +168,14 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         self.state.epoch_done = True
-        if self.last_eval_step != self.state.step:
+        if self.state.evaluated_step != self.state.step:
             self._evaluate()
         if not self.config.checkpoint_every and self.state.step < self.final_step:
             self._checkpoint()  # the end of the job writes its own below
 
     def _finish(self) -> dict:
         stopped = self.state.step < self.state.total_steps
-        if not stopped and self.last_eval_step != self.state.step:
+        if not stopped and self.state.evaluated_step != self.state.step:
             self._evaluate()
         if self.last_checkpoint_step != self.state.step:
             self._checkpoint()
@@ -216,7 +217,7 @@ class Trainer:
         training = self._window_record(self.eval_window) if self.eval_window.losses else {}
         self.eval_window.reset()
         self._record("eval", **training, **result)
-        self.last_eval_step, self.last_eval = self.state.step, result
+        self.state.evaluated_step, self.last_eval = self.state.step, result
         self.progress.message(f"epoch {self.state.epoch + 1}  step {self.state.step}  test loss "
                               f"{result['test_loss']:.4f}  test accuracy {result['test_accuracy']:.4f}")
         self.paused += clock() - started
