@@ -193,7 +193,7 @@ def test_slurm_without_pmix_runs_mpiexec_on_the_allocations_hostfile(tmp_path, f
 
 def test_slurm_gpus_per_node_and_cpus_without_a_task_count(tmp_path, fake, slurm):
     env = {**slurm(), "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_CPUS_PER_NODE": "8(x2)"}
-    del env["SLURM_TASKS_PER_NODE"], env["SLURM_NTASKS"]  # sbatch --gpus-per-node=4 --exclusive, no tasks asked
+    del env["SLURM_TASKS_PER_NODE"], env["SLURM_NTASKS"]  # no task counts: each node's CPUs are its slots
     result = launch(tmp_path, env, bind="core", mpiexec=fake("openmpi"))
     share = max(1, node.physical_cores() // 4)  # this node's cores, shared by its 4 ranks
     assert result.argv[1:8] == ["--mpi=pmix", "-n", "8", "--ntasks-per-node=4", f"--cpus-per-task={share}",
@@ -204,6 +204,10 @@ def test_slurm_gpus_per_node_and_cpus_without_a_task_count(tmp_path, fake, slurm
     assert mpirun.argv[mpirun.argv.index("--map-by") + 1] == "ppr:4:node"
     with pytest.raises(UserError, match="SLURM_JOB_ID=4242 is set but SLURM_JOB_NODELIST is not"):
         launch(tmp_path, {**env, "SLURM_JOB_NODELIST": ""}, mpiexec=fake("openmpi"))
+    # sbatch --nodes=2 --gpus-per-node=4 alone: one task per node, four GPUs
+    with pytest.raises(UserError, match=r"4 ranks per node but Slurm job 4242: node01 has 1 slot\(s\); "
+                                        r"ask sbatch/salloc for --ntasks-per-node=4, or add --oversubscribe"):
+        launch(tmp_path, {**env, "SLURM_TASKS_PER_NODE": "1(x2)"}, mpiexec=fake("openmpi"))
 
 
 def test_slurm_launcher_can_be_forced(tmp_path, fake, slurm):

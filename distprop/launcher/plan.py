@@ -165,8 +165,10 @@ def _place_on_hosts(request: Request, job: commands.Job, allocation, source: str
                             f"hosts; {source} has {len(hosts)}")
         short = [h for h in hosts if h.slots < job.per_node]
         if short and not request.oversubscribe:
+            remedy = (f"ask sbatch/salloc for --ntasks-per-node={job.per_node}, or " if allocation else "") + \
+                "add --oversubscribe to run more ranks than slots"
             raise UserError(f"{job.per_node} ranks per node but {short[0].where}: {short[0].name} has "
-                            f"{short[0].slots} slot(s); add --oversubscribe to run more ranks than slots")
+                            f"{short[0].slots} slot(s); {remedy}")
         return job.per_node
     if job.ranks > slots and not request.oversubscribe:
         raise UserError(f"{job.ranks} ranks but {source} has {slots} slot(s) on {len(hosts)} host(s); "
