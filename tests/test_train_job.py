@@ -331,6 +331,24 @@ def test_inputs_are_prepared_as_each_model_reads_them():
     assert input_preparer(TrainConfig(model="transformer"), tokens)(ids).data is ids
 
 
+def test_an_input_column_without_one_shape_per_sample_is_a_one_line_error(tmp_path):
+    """Encoded images take their shape from decoding options the job does not have."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distprop.errors import DataError
+    from distprop.train.config import TrainConfig
+    from distprop.train.data import describe_columns
+
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"image": pa.array([b"\xff\xd8", b"\xff\xd8"]), "label": [0, 1]}),
+                   tmp_path / "train" / "part.parquet")
+    with pytest.raises(DataError) as info:
+        describe_columns(TrainConfig(), str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path / 'train'}: input column 'image' holds encoded images; "
+                                      "distprop train feeds the model a tensor of one shape per sample")
+
+
 def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):
     from distprop.cli import main
 

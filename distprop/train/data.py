@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 
 from distprop.data import ArrowLoader, ColumnSpec, DatasetIndex
+from distprop.data.format import IMAGE
 from distprop.data.sampler import Stage, plan_rank
 from distprop.errors import ConfigError, DataError
 
@@ -84,13 +85,19 @@ def describe_columns(config, directory: str) -> tuple[ColumnSpec, str, int]:
     if config.input_column is not None:
         if config.input_column not in columns:
             raise DataError(f"{train}: no input column '{config.input_column}' (columns: {', '.join(columns)})")
-        return columns[config.input_column], label, index.num_rows
-    others = [name for name in columns if name != label]
-    chosen = next((name for name in INPUT_NAMES if name in others), others[0] if len(others) == 1 else None)
-    if chosen is None:
-        raise DataError(f"{train}: cannot tell which column is the input among {', '.join(others) or 'none'}; "
-                        "set input_column")
-    return columns[chosen], label, index.num_rows
+        chosen = config.input_column
+    else:
+        others = [name for name in columns if name != label]
+        chosen = next((name for name in INPUT_NAMES if name in others), others[0] if len(others) == 1 else None)
+        if chosen is None:
+            raise DataError(f"{train}: cannot tell which column is the input among {', '.join(others) or 'none'}; "
+                            "set input_column")
+    spec = columns[chosen]
+    if spec.kind == IMAGE or spec.shape is None:  # their shape comes from decoding or packing options
+        raise DataError(f"{train}: input column '{chosen}' holds {spec.describe()}s; distprop train feeds the "
+                        "model a tensor of one shape per sample (write the dataset with fixed-shape tensors, "
+                        "or train from a script with ArrowLoader's options for this column)")
+    return spec, label, index.num_rows
 
 
 def count_classes(train: str, label: str) -> int:
