@@ -145,6 +145,8 @@ def test_layout_latest_marker_and_retention(tmp_path):
     (root / ".step-00000060.tmp-0123abcd").mkdir()
     assert [step for step, _ in complete_checkpoints(root)] == [30, 40]
     assert newest_checkpoint(root) == str(root / "step-00000040")
+    (root / "latest").write_text("step-00000035\n")  # names no complete checkpoint: the highest step wins
+    assert newest_checkpoint(root) == str(root / "step-00000040")
     assert dp.load_checkpoint(tmp_path, comm=COMM).step == 40  # a run directory holding checkpoints/
     dp.save_checkpoint(root, model=model, step=45, keep=2, comm=COMM)
     assert not (root / ".step-00000060.tmp-0123abcd").exists()

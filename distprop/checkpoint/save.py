@@ -3,7 +3,8 @@
 The write (see `layout` for the directory's shape):
 
 1. into a hidden temporary directory beside the final one (same file system, so
-   the rename below cannot fail with EXDEV): ``model.safetensors``, then
+   the rename below cannot fail with EXDEV; a new root's parent is fsynced when it
+   is made): ``model.safetensors``, then
    ``state.safetensors`` (optimizer, schedule and `extra` arrays), each fsynced;
 2. ``meta.json`` last -- everything that is not an array, and the commit marker;
 3. the temporary directory fsynced, renamed to ``step-N``, the root fsynced;
@@ -103,7 +104,7 @@ def _write(root, step, model, optimizer, scheduler, loader, extra, config, keep,
         "config": config,
         "files": {},
     }
-    os.makedirs(root, exist_ok=True)
+    _make_durable_directory(root)
     name = layout.checkpoint_name(step)
     staging = temporary_name(root, name)
     os.mkdir(staging)
@@ -129,6 +130,15 @@ def _write(root, step, model, optimizer, scheduler, loader, extra, config, keep,
     if keep is not None:
         layout.prune(root, keep, final)
     return final
+
+
+def _make_durable_directory(root) -> None:
+    """`root`, made if missing, with its entry in its parent on disk (a new directory
+    is only as durable as the parent's fsync that records it)."""
+    if os.path.isdir(root):
+        return
+    os.makedirs(root, exist_ok=True)
+    fsync_path(os.path.dirname(os.path.abspath(root)))
 
 
 def _described(owner, state_skeleton):
