@@ -78,6 +78,8 @@ def run_job(config, comm, device: str) -> dict:
     """Prepare everything, train, and return the summary (also in OUT/summary.json)."""
     checkpoint, config = _checkpoint_and_config(config, comm)
     trainer_state = checkpoint.extra["trainer"] if checkpoint is not None else None
+    if trainer_state is not None and config.stop_at is not None and config.stop_at <= trainer_state["step"]:
+        raise ConfigError(f"stop_at ({config.stop_at}) is not after the checkpoint's step {trainer_state['step']}")
     config, dataset = _dataset(config, comm)
 
     batch = agreed(comm, resume.per_rank_batch, config, checkpoint, trainer_state, comm.size)
@@ -117,8 +119,6 @@ def run_job(config, comm, device: str) -> dict:
         state.per_rank_batch, state.peak_lr, state.total_steps = batch, lr, total
         _say(comm, f"resuming from {checkpoint.path} (step {state.step}, saved by {checkpoint.world_size} "
                    f"rank(s), now {comm.size} with {batch} samples each)")
-    if config.stop_at is not None and config.stop_at <= state.step:
-        raise ConfigError(f"stop_at ({config.stop_at}) is not after the checkpoint's step {state.step}")
 
     metrics_log = on_rank_zero(comm, "out", _open_outputs, config, checkpoint, trainer_state, share=False)
     if comm.rank == 0:
