@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,21 @@ def test_pytorch_loads_model_safetensors_into_the_same_architecture(tmp_path):
         with torch.no_grad():
             got = twin(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_torch
+def test_the_readmes_pytorch_snippet_loads_the_default_jobs_model(tmp_path, monkeypatch):
+    """The README's code, as written, on the checkpoint path it names."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = next(block for block in readme.split("```python")[1:] if "safetensors.torch" in block)
+    snippet = snippet.split("```")[0]
+    dp.manual_seed(0)
+    ours = nn.MLP(64, [256], 10)
+    monkeypatch.chdir(tmp_path)
+    dp.save_checkpoint("runs/train/checkpoints", model=ours, step=880, comm=COMM)
+    names = {}
+    exec(snippet, names)  # noqa: S102 - the README's own text
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        got = names["twin"](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ours(dp.tensor(x)).data, rtol=1e-5, atol=1e-5)

@@ -68,6 +68,7 @@ def test_the_default_job_reaches_97_percent(tmp_path, ranks):
     assert final["phases"]["comm_wait_s"]["mean"] > 0 if ranks > 1 else final["phases"]["comm_wait_s"]["mean"] == 0
     # The resolved config, printed once (by rank 0) and saved: what is trained, the model's sizes included.
     assert result.stdout.count(f"distprop train: {ranks} rank(s) on cpu, 10 classes") == 1
+    assert "[rank 1]" not in result.stdout  # the other ranks stay quiet without --verbose
     assert result.stdout.count("  hidden_sizes ") == 1
     saved = (tmp_path / "config.toml").read_text()
     assert "hidden_sizes = [256]" in saved and 'input_column = "image"' in saved and "num_classes = 10" in saved
