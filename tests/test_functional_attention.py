@@ -208,3 +208,51 @@ def test_attention_argument_errors_say_what():
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match=rf"^dropout_p must be in \[0, 1\], got {p}$"):
             F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])  # no batch axis, and one
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}])
+def test_attention_without_or_with_one_batch_axis(batch, kwargs):
+    q, k, v = _qkv(seed=14, batch=batch, length=5, source=5)
+    y = F.scaled_dot_product_attention(dp.tensor(q), dp.tensor(k), dp.tensor(v), **kwargs)
+    np.testing.assert_allclose(y.data, _reference(q, k, v, causal=bool(kwargs)), rtol=1e-12, atol=1e-14)
+    check_grad(lambda *t: F.scaled_dot_product_attention(*t, **kwargs), q, k, v)
+
+
+def test_masks_given_as_tensors_or_by_the_mask_keyword():
+    q, k, v = _qkv(seed=15)
+    allowed = _bool_mask()
+    expected = _reference(q, k, v, allowed)
+    for kwargs in ({"attn_mask": dp.tensor(allowed)}, {"mask": allowed}, {"mask": dp.tensor(allowed)}):
+        y = F.scaled_dot_product_attention(dp.tensor(q), dp.tensor(k), dp.tensor(v), **kwargs)
+        np.testing.assert_allclose(y.data, expected, rtol=1e-12, atol=1e-14, err_msg=str(list(kwargs)))
+    f32 = F.scaled_dot_product_attention(*(dp.tensor(a.astype(np.float32)) for a in (q, k, v)), attn_mask=allowed)
+    assert f32.dtype == np.float32
+
+
+def test_rows_far_apart_in_scale_are_each_normalised_by_their_own_peak():
+    q, k, v = _qkv(seed=16, batch=(1,), length=2, source=3)
+    q[0, 0] *= 300.0  # scores of hundreds in row 0 ...
+    q[0, 1] *= -300.0  # ... and of minus hundreds in row 1
+    y = F.scaled_dot_product_attention(dp.tensor(q), dp.tensor(k), dp.tensor(v))
+    np.testing.assert_allclose(y.data, _reference(q, k, v), rtol=1e-10)
+
+
+def test_attention_without_dropout_draws_nothing():
+    class NoDraws:
+        def random(self, shape):
+            raise AssertionError("attention without dropout drew random numbers")
+
+    q, k, v = (dp.tensor(a) for a in _qkv(seed=17))
+    F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, generator=NoDraws())
+
+
+@pytest.mark.parametrize("wanted", [0, 1, 2])
+def test_each_input_alone_gets_its_gradient_without_a_mask(wanted):
+    q, k, v = _qkv(seed=18)
+    every = [dp.tensor(a, requires_grad=True) for a in (q, k, v)]
+    F.scaled_dot_product_attention(*every).sum().backward()
+    some = [dp.tensor(a, requires_grad=i == wanted) for i, a in enumerate((q, k, v))]
+    F.scaled_dot_product_attention(*some).sum().backward()
+    np.testing.assert_allclose(some[wanted].grad, every[wanted].grad, rtol=1e-12, atol=1e-15)
+    assert all(t.grad is None for i, t in enumerate(some) if i != wanted)
