@@ -292,6 +292,8 @@ def test_toml_config_with_flags_overriding_it_and_plots(tmp_path, digits):
     again = train(tmp_path / "again", "--config", out / "config.toml")
     assert summary(tmp_path / "again")["test_accuracy"] == summary(out)["test_accuracy"]
     pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install 'distprop[plot]'")
+    with open(tmp_path / "again" / "metrics.jsonl", "a") as file:
+        file.write('{"kind": "train", "ep')  # a line a running job is still writing
     plotted = subprocess.run([sys.executable, "-m", "distprop", "plot", str(out), str(tmp_path / "again"),
                               "--out", str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
     assert plotted.returncode == 0, plotted.stderr

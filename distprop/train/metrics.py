@@ -132,6 +132,7 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl (for plots and tests)."""
+    """The records of a metrics.jsonl (for plots and tests). A last line without its
+    newline is one the running job is still writing, and is left out."""
     with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
+        return [json.loads(line) for line in file if line.endswith("\n") and line.strip()]
