@@ -70,3 +70,51 @@ def test_channel_op_promotes_like_numpy():
     result = channel_op(np, np.add, narrow, wide.astype(np.float32))
     assert result.dtype == np.float64
     np.testing.assert_array_equal(result, narrow + wide.astype(np.float32).reshape(1, 3, 1, 1))
+
+
+def test_layouts_are_told_apart():
+    from distprop.functional.channels import _layout, _tiles_per_row
+
+    first = np.zeros((2, 3, 4, 5))
+    last = np.moveaxis(np.zeros((2, 4, 5, 3)), -1, 1)
+    assert _layout(first) == ("first", None)
+    assert _layout(last) == ("last", 40)  # 2 * 4 * 5 pixels of 3 channels: one row
+    assert _layout(np.zeros((6, 3))) == ("last", 6)  # (N, C): channels are innermost
+    for other in (first[:, :, ::2], np.zeros(3), np.zeros((0, 3, 2)), [[1.0, 2.0]]):
+        assert _layout(other) is None
+    assert _tiles_per_row(4096 * 3, 2) == 2048 and _tiles_per_row(7, 4096) == 1 and _tiles_per_row(12, 1000) == 4
+
+
+class _Recorded:
+    """A ufunc that notes the dimensions of the arrays it is applied to."""
+
+    def __init__(self, ufunc):
+        self.ufunc, self.calls = ufunc, []
+
+    def __call__(self, a, b, out=None):
+        self.calls.append((np.ndim(a), np.ndim(b)))
+        return self.ufunc(a, b, out=out)
+
+
+@pytest.mark.parametrize("layout, fast", [("first", (3, 2)), ("last", (2, 1)), ("strided", None)])
+def test_each_layout_takes_its_own_path(layout, fast, monkeypatch):
+    """Channels-first and channels-last arrays go through their long-row paths (a GEMV
+    for sums, one ufunc call on rows for broadcasts); anything else through numpy's
+    broadcasting and einsum. The values are the same either way: the paths are what
+    makes these helpers fast."""
+    from distprop.functional import channels
+
+    x = _layouts((2, 3, 4, 5), np.float64, np.random.default_rng(5))[layout]
+    products = []
+    monkeypatch.setattr(channels, "matmul", lambda a, b: products.append(1) or np.matmul(a, b))
+    total = channel_sum(np, x)
+    np.testing.assert_allclose(total, x.sum(axis=(0, 2, 3)), rtol=1e-12)
+    assert len(products) == (0 if fast is None else 1)
+    add = _Recorded(np.add)
+    result = channel_op(np, add, x, np.arange(3.0))
+    np.testing.assert_array_equal(result, x + np.arange(3.0).reshape(1, 3, 1, 1))
+    assert add.calls == [fast or (4, 4)]
+    assert np.isclose(channel_sum(np, x, x, dtype=np.float64), (x * x).sum(axis=(0, 2, 3))).all()
+    x32 = x.astype(np.float32, order="K")  # the same layout
+    assert channel_sum(np, x32).dtype == np.float32 and channel_sum(np, x32, x32).dtype == np.float32
+    assert channel_sum(np, x32, dtype=np.float64).dtype == np.float64
