@@ -23,6 +23,10 @@ A rule covers one kind of mutant wherever it occurs: path and function are globs
       -~ (.*)get_array_module\((?!None\))[^()]*\)(.*)
       +~ \1get_array_module(None)\2
       why: ...
+
+A block whose only change line is "any mutant" covers every surviving mutant of the
+functions it names: for functions that only choose between ways of computing the
+same values (chunk sizes, which of two algorithms), where the reason says why.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Equivalent:
     why: str
     where: str  # line of the equivalents file, for messages
     rule: bool = False
+    any_mutant: bool = False
     matched: int = 0
 
     def matches(self, path: str, function: str, removed: tuple[str, ...], added: tuple[str, ...]) -> bool:
@@ -63,6 +68,8 @@ class Equivalent:
             return (self.path, self.function, self.removed, self.added) == (path, function, removed, added)
         if not (fnmatch.fnmatchcase(path, self.path) and fnmatch.fnmatchcase(function, self.function)):
             return False
+        if self.any_mutant:
+            return True
         if len(removed) != 1 or len(added) != 1:
             return False
         found = re.fullmatch(self.removed[0], removed[0])
@@ -100,10 +107,12 @@ def _parse_block(block: list[str], where: str) -> Equivalent:
     header = block[0].split()
     if len(header) != 2 or block[0][0].isspace():
         raise SystemExit(f"{where}: expected 'path function' on the first line, got {block[0]!r}")
-    removed, added, why, rule = [], [], [], False
+    removed, added, why, rule, any_mutant = [], [], [], False, False
     for line in block[1:]:
         text = line.strip()
-        if text.startswith(("-~ ", "+~ ")):
+        if text == "any mutant":
+            rule = any_mutant = True
+        elif text.startswith(("-~ ", "+~ ")):
             rule = True
             (removed if text[0] == "-" else added).append(text[3:].strip())
         elif text.startswith("- "):
@@ -116,11 +125,11 @@ def _parse_block(block: list[str], where: str) -> Equivalent:
             why.append(text)  # a reason continued on the next line
         else:
             raise SystemExit(f"{where}: lines start with '- ', '+ ' or 'why:', got {text!r}")
-    if not why or not (removed or added):
-        raise SystemExit(f"{where}: an entry needs '-'/'+' lines and a 'why:'")
-    if rule and (len(removed), len(added)) != (1, 1):
+    if not why or not (removed or added or any_mutant):
+        raise SystemExit(f"{where}: an entry needs '-'/'+' lines (or 'any mutant') and a 'why:'")
+    if rule and not any_mutant and (len(removed), len(added)) != (1, 1):
         raise SystemExit(f"{where}: a rule has one '-~' and one '+~' line")
-    return Equivalent(header[0], header[1], tuple(removed), tuple(added), " ".join(why), where, rule)
+    return Equivalent(header[0], header[1], tuple(removed), tuple(added), " ".join(why), where, rule, any_mutant)
 
 
 def function_name(mutant: str) -> str:

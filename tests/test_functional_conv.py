@@ -228,3 +228,30 @@ def test_conv2d_errors_name_the_sizes(x_shape, w_shape, kwargs, message):
 
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         F.conv2d(dp.tensor(np.ones(x_shape)), dp.tensor(np.ones(w_shape)), **kwargs)
+
+
+def test_conv2d_split_over_threads_gives_the_one_thread_result(monkeypatch):
+    """Several images per part, parts on three threads: each part's weight gradient
+    is summed into the total, and each writes its own images."""
+    from threadpoolctl import threadpool_limits
+
+    from distprop import cpu_threads
+
+    monkeypatch.setattr(conv_module, "_MIN_THREAD_BYTES", 1)  # parts of any size
+    parts = []
+    real_split = cpu_threads.split
+    monkeypatch.setattr(cpu_threads, "split", lambda count, n: parts.append(n) or real_split(count, n))
+    rng = np.random.default_rng(6)
+    arrays = [rng.standard_normal((7, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)]
+
+    def run(threads):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            tensors = [dp.tensor(a, requires_grad=True) for a in arrays]
+            y = F.conv2d(*tensors, stride=2, padding=1)
+            y.backward(np.random.default_rng(7).standard_normal(y.shape))
+            return [y.data] + [t.grad for t in tensors]
+
+    one, three = run(1), run(3)
+    assert max(parts) == 3, f"the work was never split: parts {parts}"
+    for name, a, b in zip(("output", "input gradient", "weight gradient", "bias gradient"), one, three):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12, err_msg=name)
