@@ -118,3 +118,21 @@ def test_each_layout_takes_its_own_path(layout, fast, monkeypatch):
     x32 = x.astype(np.float32, order="K")  # the same layout
     assert channel_sum(np, x32).dtype == np.float32 and channel_sum(np, x32, x32).dtype == np.float32
     assert channel_sum(np, x32, dtype=np.float64).dtype == np.float64
+
+
+@pytest.mark.parametrize("x_layout, out_layout", [("first", "last"), ("last", "first"), ("last", "strided"),
+                                                  ("first", "strided")])
+def test_channel_op_into_an_out_of_another_layout_or_dtype(x_layout, out_layout):
+    rng = np.random.default_rng(6)
+    x = _layouts((2, 3, 4, 5), np.float64, rng)[x_layout]
+    vector = rng.standard_normal(3)
+    expected = x * vector.reshape(1, 3, 1, 1)
+    out = _layouts((2, 3, 4, 5), np.float64, rng)[out_layout]
+    assert channel_op(np, np.multiply, x, vector, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    wide = np.zeros((2, 3, 4, 5), np.float64)
+    narrow = x.astype(np.float32, order="K")
+    channel_op(np, np.multiply, narrow, vector.astype(np.float32), out=wide)
+    np.testing.assert_allclose(wide, expected, rtol=1e-6)
+    b = _layouts((2, 3, 4, 5), np.float64, rng)[out_layout]
+    np.testing.assert_allclose(channel_sum(np, x, b), (x * b).sum(axis=(0, 2, 3)), rtol=1e-12)
