@@ -94,3 +94,9 @@ def test_p_of_one_drops_everything():
     np.testing.assert_array_equal(x.grad, np.zeros(4))
     with pytest.raises(ValueError, match=r"^dropout probability must be in \[0, 1\], got 1.5$"):
         F.dropout(x, 1.5)
+
+
+def test_the_default_probability_is_one_half():
+    x = dp.tensor(np.ones(4))
+    y = F.dropout(x, generator=_Draws([0.49, 0.5, 0.51, 0.1]))
+    np.testing.assert_array_equal(y.data, [0, 2, 2, 0])
