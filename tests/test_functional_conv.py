@@ -255,3 +255,38 @@ def test_conv2d_split_over_threads_gives_the_one_thread_result(monkeypatch):
     assert max(parts) == 3, f"the work was never split: parts {parts}"
     for name, a, b in zip(("output", "input gradient", "weight gradient", "bias gradient"), one, three):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias"])
+def test_conv2d_one_gradient_alone_equals_it_among_all(wanted):
+    rng = np.random.default_rng(10)
+    arrays = dict(x=rng.standard_normal((2, 4, 6, 5)), weight=rng.standard_normal((6, 2, 3, 3)),
+                  bias=rng.standard_normal(6))
+    every = {k: dp.tensor(a, requires_grad=True) for k, a in arrays.items()}
+    F.conv2d(every["x"], every["weight"], every["bias"], stride=2, padding=1, groups=2).sum().backward()
+    some = {k: dp.tensor(a, requires_grad=k == wanted) for k, a in arrays.items()}
+    F.conv2d(some["x"], some["weight"], some["bias"], stride=2, padding=1, groups=2).sum().backward()
+    np.testing.assert_allclose(some[wanted].grad, every[wanted].grad, rtol=1e-12, atol=1e-12)
+    assert all(t.grad is None for k, t in some.items() if k != wanted)
+
+
+def test_conv2d_of_mixed_dtypes_computes_in_the_wider_one():
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3))
+    for a, b in ((x.astype(np.float32), w), (x, w.astype(np.float32))):
+        y = F.conv2d(dp.tensor(a), dp.tensor(b), padding=1)
+        assert y.dtype == np.float64
+        expected = _conv_definition(a.astype(np.float64), b.astype(np.float64), None, (1, 1), ((1, 1), (1, 1)),
+                                    (1, 1), 1)
+        np.testing.assert_allclose(y.data, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stride=(1, 2, 1)), "conv2d: stride must be an int or a pair, got (1, 2, 1)"),
+    (dict(dilation=[1]), "conv2d: dilation must be an int or a pair, got [1]"),
+])
+def test_conv2d_pairs_are_pairs(kwargs, message):
+    import re
+
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        F.conv2d(dp.tensor(np.ones((1, 3, 5, 5))), dp.tensor(np.ones((4, 3, 3, 3))), **kwargs)
