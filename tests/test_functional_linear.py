@@ -54,3 +54,14 @@ def test_linear_is_x_times_weight_transposed_plus_bias(x_shape, needs):
             assert t.grad is None
     if needs[0]:
         np.testing.assert_allclose(F.linear(dp.tensor(x), dp.tensor(w)).data, x @ w.T, rtol=1e-13)
+
+
+def test_linear_writes_the_weight_gradient_into_the_weight_s_grad_buffer():
+    rng = np.random.default_rng(4)
+    x, w = dp.tensor(rng.standard_normal((6, 4))), dp.tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    buffer = np.full((3, 4), np.nan)
+    w.grad_buffer = buffer
+    gy = rng.standard_normal((6, 3))
+    F.linear(x, w, dp.tensor(np.zeros(3), requires_grad=True)).backward(gy)
+    assert w.grad is buffer  # no copy
+    np.testing.assert_allclose(buffer, gy.T @ x.data, rtol=1e-13)
