@@ -275,6 +275,11 @@ def test_a_resume_that_contradicts_the_checkpoint_stops_before_touching_anything
     result = train(branch, "--resume", checkpoint, "--epochs", 2, "--hidden-sizes", 256)
     assert f"resuming from {checkpoint} (step 44" in result.stdout
     assert summary(branch)["step"] == 88 and [r["step"] for r in metrics(branch)] == [50, 88]
+    # Branching into a directory that holds another run's checkpoints would prune them.
+    result = train(branch, "--resume", checkpoint, "--epochs", 3, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"distprop train: error: out: {branch} already holds checkpoints (step-00000088); resuming there from "
+        f"{checkpoint}, outside it, would mix two runs: choose another --out"]
 
 
 @pytest.mark.slow

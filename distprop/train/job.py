@@ -157,10 +157,11 @@ def run_job(config, comm, device: str) -> dict:
 
 def _checkpoint_and_config(config, comm):
     """The checkpoint to resume from (None for a new job), and the config to run:
-    a resumed job's takes the checkpoint's options not given again."""
-    path = agreed(comm, resume.checkpoint_to_resume, config)
+    a resumed job's takes the checkpoint's options not given again. What OUT holds
+    is rank 0's view, shared: other nodes may see a network file system late."""
+    path = on_rank_zero(comm, "out", resume.checkpoint_to_resume, config)
     if path is None:
-        agreed(comm, resume.check_fresh_start, config)
+        on_rank_zero(comm, "out", resume.check_fresh_start, config)
         if config.resume is not None:
             _say(comm, f"no checkpoint in {os.path.join(config.out, 'checkpoints')} yet: starting the job")
         return None, config
@@ -168,6 +169,7 @@ def _checkpoint_and_config(config, comm):
         checkpoint = read_checkpoint(path, comm)
     except CheckpointError as error:  # raised alike on every rank
         raise ConfigError(f"resume: {error}") from None
+    on_rank_zero(comm, "out", resume.check_branch, config, checkpoint)
     return checkpoint, agreed(comm, resume.reconcile, config, checkpoint)
 
 

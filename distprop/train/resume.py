@@ -30,12 +30,27 @@ def check_fresh_start(config) -> None:
                           "--resume to continue that run, or choose another --out")
 
 
+def check_branch(config, checkpoint) -> None:
+    """A run resumed from another directory's checkpoint must not write among a third
+    run's checkpoints (keeping the newest K would delete theirs)."""
+    newest = layout.newest_checkpoint(os.path.join(config.out, "checkpoints"))
+    if newest is not None and not is_own(config, checkpoint):
+        raise ConfigError(f"out: {config.out} already holds checkpoints ({os.path.basename(newest)}); resuming "
+                          f"there from {checkpoint.path}, outside it, would mix two runs: choose another --out")
+
+
+def is_own(config, checkpoint) -> bool:
+    """Whether `checkpoint` is one of OUT's own."""
+    own = os.path.realpath(os.path.join(config.out, "checkpoints"))
+    return os.path.dirname(os.path.realpath(checkpoint.path)) == own
+
+
 def reconcile(config, checkpoint):
     """The config to resume with: the checkpoint's value of every option this
     invocation did not give (but out, resume, stop_at, keep_global_batch, the
-    timeline's, device and threads), so that ``--resume`` alone continues the same job. A given
-    trajectory option (model, data, optimizer, schedule, batch, seed) that differs
-    from the checkpoint's is an error, raised before anything is written."""
+    timeline's, device and threads), so that ``--resume`` alone continues the same
+    job. A given trajectory option (model, data, optimizer, schedule, batch, seed)
+    that differs from the checkpoint's is an error, raised before anything is written."""
     saved = checkpoint.config
     extra = checkpoint.extra
     if not isinstance(saved, dict) or "model" not in saved or not isinstance(extra, dict) or "trainer" not in extra:
@@ -81,8 +96,7 @@ def per_rank_batch(config, checkpoint, trainer_state: dict, world_size: int) -> 
 def metrics_lines_to_keep(config, checkpoint, trainer_state: dict) -> int | None:
     """metrics.jsonl lines to keep: a checkpoint of this run's own keeps what was
     written up to it; one from elsewhere starts a new file."""
-    if checkpoint is None:
+    if checkpoint is None or not is_own(config, checkpoint):
         return None
-    own = os.path.realpath(os.path.join(config.out, "checkpoints"))
-    return trainer_state["metrics_lines"] if os.path.dirname(os.path.realpath(checkpoint.path)) == own else None
+    return trainer_state["metrics_lines"]
 
