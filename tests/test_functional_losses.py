@@ -231,3 +231,31 @@ def test_mse_loss_is_its_definition(reduction):
     scale = 2 / 4 if reduction == "mean" else 2
     np.testing.assert_allclose(a.grad, scale * (x - target), rtol=1e-15)
     np.testing.assert_allclose(b.grad, -scale * (x - target).sum(axis=0), rtol=1e-15)
+
+
+def test_losses_keep_float32():
+    logits = dp.tensor(np.random.default_rng(8).standard_normal((4, 3)).astype(np.float32), requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        loss = F.cross_entropy(logits, np.array([0, 2, 1, -100]), reduction=reduction, label_smoothing=0.1)
+        assert loss.dtype == np.float32, reduction
+    loss.sum().backward()
+    assert logits.grad.dtype == np.float32
+    assert F.mse_loss(logits, dp.tensor(np.zeros((4, 3), np.float32))).dtype == np.float32
+
+
+def test_an_ignored_target_may_be_any_number_even_with_one_class():
+    logits = dp.tensor(np.array([[2.0], [0.5]]), requires_grad=True)
+    loss = F.cross_entropy(logits, np.array([0, -100]), reduction="sum")
+    loss.backward()
+    np.testing.assert_array_equal(loss.data, 0.0)  # one class: probability 1, loss 0
+    np.testing.assert_array_equal(logits.grad, [[0.0], [0.0]])
+
+
+@pytest.mark.parametrize("wanted", [0, 1])
+def test_mse_loss_one_gradient_alone(wanted):
+    x, target = np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([0.5, 1.0])
+    tensors = [dp.tensor(x, requires_grad=wanted == 0), dp.tensor(target, requires_grad=wanted == 1)]
+    F.mse_loss(*tensors).backward()
+    expected = (x - target) / 2 if wanted == 0 else -((x - target) / 2).sum(axis=0)
+    np.testing.assert_allclose(tensors[wanted].grad, expected, rtol=1e-15)
+    assert tensors[1 - wanted].grad is None
