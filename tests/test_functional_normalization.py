@@ -238,3 +238,60 @@ def test_batch_norm_is_its_definition_in_every_layout(device, layout, training):
     mean, var = (to_device(a.copy(), device) for a in (running_mean, running_var))
     check_grad(lambda *t: F.batch_norm(arrange(t[0]), mean.copy(), var.copy(), *t[1:], training=training),
                x, w, b, device=device)
+
+
+def test_batch_norm_defaults_and_which_statistics_it_uses():
+    x, w, b = _data((6, 3, 2), seed=9)
+    running_mean, running_var = np.array([0.5, -1.0, 2.0]), np.array([1.5, 0.25, 4.0])
+    evaluated = F.batch_norm(dp.tensor(x), running_mean.copy(), running_var.copy())  # evaluation by default
+    np.testing.assert_allclose(evaluated.data, _batch_norm_definition(x, np.ones(3), np.zeros(3), running_mean,
+                                                                      running_var), rtol=1e-12)
+    for stats in ((running_mean.copy(), None), (None, running_var.copy()), (None, None)):
+        y = F.batch_norm(dp.tensor(x), *stats, training=False)  # one missing: the batch's own
+        np.testing.assert_allclose(y.data, _batch_norm_definition(x, np.ones(3), np.zeros(3)), rtol=1e-12)
+    small = x * 1e-3  # a variance of about 4e-6, next to eps = 1e-5
+    y, (mean, var, count) = F.batch_norm_train(dp.tensor(small))
+    np.testing.assert_allclose(y.data, _batch_norm_definition(small, np.ones(3), np.zeros(3), eps=1e-5), rtol=1e-10)
+    assert type(count) is int and count == 12
+    total, squares, count = F.batch_norm_stats(dp.tensor(small))
+    assert type(count) is int and count == 12
+    with pytest.raises(ValueError, match=r"^batch_norm expects input of shape \(N, C, ...\), got \(3,\)$"):
+        F.batch_norm(dp.tensor(np.ones(3)), None, None)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_keeps_float32_and_gives_each_parameter_its_gradient_alone(training):
+    x, w, b = (a.astype(np.float32) for a in _data((4, 3, 5), seed=10))
+    stats = lambda: (np.zeros(3, np.float32), np.ones(3, np.float32))  # noqa: E731
+    y = F.batch_norm(dp.tensor(x), *stats(), dp.tensor(w), dp.tensor(b), training=training)
+    assert y.dtype == np.float32
+    every = [dp.tensor(a.astype(np.float64), requires_grad=True) for a in (x, w, b)]
+    gy = np.random.default_rng(11).standard_normal(x.shape)
+    F.batch_norm(*every[:1], *stats(), *every[1:], training=training).backward(gy)
+    for wanted in range(3):
+        some = [dp.tensor(a.astype(np.float64), requires_grad=i == wanted) for i, a in enumerate((x, w, b))]
+        F.batch_norm(*some[:1], *stats(), *some[1:], training=training).backward(gy)
+        np.testing.assert_allclose(some[wanted].grad, every[wanted].grad, rtol=1e-12, atol=1e-12)
+        assert all(t.grad is None for i, t in enumerate(some) if i != wanted)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_of_a_gradient_that_is_not_contiguous(training):
+    """The gradient arriving from a transpose after batch norm lies in neither layout."""
+    x, w, b = _data((3, 3, 4, 5), seed=12)
+    mean, var = np.zeros(3), np.full(3, 2.0)
+    check_grad(lambda *t: F.batch_norm(t[0], mean.copy(), var.copy(), *t[1:], training=training)
+               .transpose(0, 1, 3, 2), x, w, b)
+
+
+def test_layer_norm_over_every_axis_and_its_messages():
+    x = np.random.default_rng(13).standard_normal((2, 3))
+    y = F.layer_norm(dp.tensor(x), (2, 3))
+    np.testing.assert_allclose(y.data, (x - x.mean()) / np.sqrt(x.var() + 1e-5), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"^layer_norm: normalized_shape \(1, 2, 3\) does not match the trailing "
+                                         r"dimensions of input of shape \(2, 3\)$"):
+        F.layer_norm(dp.tensor(x), (1, 2, 3))
+    with pytest.raises(ValueError, match=r"^layer_norm: weight of shape \(2,\), expected \(3,\)$"):
+        F.layer_norm(dp.tensor(x), 3, weight=dp.tensor(np.ones(2)))
+    with pytest.raises(ValueError, match=r"^layer_norm: bias of shape \(3, 1\), expected \(3,\)$"):
+        F.layer_norm(dp.tensor(x), 3, bias=dp.tensor(np.ones((3, 1))))
