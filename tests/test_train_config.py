@@ -151,10 +151,11 @@ def test_a_bad_config_exits_2_with_one_line(tmp_path, digits, case):
 
 @needs_mpiexec
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["unknown key", "missing data", "batch larger than the data"])
+@pytest.mark.parametrize("case", ["unknown key", "missing data", "batch larger than the data", "unwritable output"])
 def test_a_bad_config_ends_the_whole_mpi_job_with_one_line(tmp_path, digits, case):
-    """Found before MPI starts (same verdict on every rank) or after (agreed over the
-    ranks): either way every rank exits, and only rank 0 says why."""
+    """Found before MPI starts (same verdict on every rank), after it (agreed over the
+    ranks) or by rank 0 alone (shared with the others): either way every rank exits,
+    and only rank 0 says why."""
     check_bad_job(tmp_path, digits, case, 2)
 
 
