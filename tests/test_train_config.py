@@ -13,7 +13,7 @@ from distprop.errors import ConfigError
 from distprop.train.cli import config_from_args
 from distprop.train.config import TrainConfig, from_toml, load_toml, resolve_config, to_toml
 from distprop.train.resume import reconcile
-from train_helpers import digits, needs_mpiexec, run_train  # noqa: F401 - digits is a fixture
+from train_helpers import digits_fixture, needs_mpiexec, run_train  # noqa: F401 - a fixture
 
 
 def resolve(*argv):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from helpers import INSTALL_SKLEARN
-from train_helpers import TIMEOUT, digits, metrics, needs_mpiexec, summary, train  # noqa: F401 - a fixture
+from train_helpers import TIMEOUT, digits_fixture, metrics, needs_mpiexec, summary, train  # noqa: F401 - a fixture
 
 pytest.importorskip("sklearn", reason=INSTALL_SKLEARN)
 
@@ -362,4 +362,5 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, cap
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert main(["plot", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == "distprop plot: error: matplotlib is not installed: pip install 'distprop[plot]'\n"
+    assert capsys.readouterr().err == ("distprop plot: error: matplotlib is not installed: "
+                                       "pip install 'distprop[plot]'\n")

@@ -16,9 +16,10 @@ needs_mpiexec = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec: pip in
 TIMEOUT = 240
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The digits written once per module, for the tests that are not about writing them."""
+@pytest.fixture(scope="module", name="digits")
+def digits_fixture(tmp_path_factory):
+    """`digits`: the digits written once per module, for the tests that are not about
+    writing them (import `digits_fixture` into a test module to use it)."""
     pytest.importorskip("sklearn", reason=INSTALL_SKLEARN)
     from distprop.data.converters import convert_digits
 
