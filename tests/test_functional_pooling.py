@@ -280,7 +280,6 @@ def test_pooling_is_its_definition_and_fills_every_gradient_cell(garbage_in_fres
     expected = grad[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]]
     np.testing.assert_allclose(t.grad, expected, rtol=1e-13, atol=1e-15)
     assert (y.data.strides[1] < y.data.strides[3]) == channels_last  # the input's layout kept
-    assert (t.grad.strides[1] < t.grad.strides[3]) == channels_last
 
 
 @pytest.mark.parametrize("pool", [lambda t: F.max_pool2d(t, 2), lambda t: F.avg_pool2d(t, 3, 1, 1)])
