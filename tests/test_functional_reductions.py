@@ -124,3 +124,17 @@ def test_reduction_errors_say_which_axis():
         F.mean(x, (0, -3))
     with pytest.raises(ValueError, match=r"^max of an empty tensor$"):
         F.max(dp.tensor(np.ones((0, 3))))
+
+
+def test_reductions_drop_the_reduced_axes_by_default_and_0d_tensors_take_axis_0_or_minus_1():
+    x = dp.tensor(np.ones((2, 3)))
+    assert F.sum(x).shape == () and F.mean(x, 1).shape == (2,) and F.max(x, 0).shape == (3,)
+    scalar = dp.tensor(np.array(4.0), requires_grad=True)
+    for axis in (0, -1, None):
+        assert F.sum(scalar, axis).item() == 4.0
+    for axis in (1, -2):
+        with pytest.raises(ValueError, match=rf"^axis {axis} is out of range for a tensor of 0 dimensions$"):
+            F.sum(scalar, axis)
+    y = F.max(scalar, 0, keepdims=True)
+    y.backward(np.array(2.0))
+    assert scalar.grad == 2.0
