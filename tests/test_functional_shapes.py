@@ -152,3 +152,12 @@ def test_to_casts_both_ways_and_is_a_no_op_when_nothing_changes():
     assert x.grad.dtype == np.float32 and np.array_equal(x.grad, np.array([0.1, 0.2], np.float32))
     z = to(x, device="cpu", dtype=np.float16)
     assert z.dtype == np.float16 and z.requires_grad
+
+
+def test_an_index_tuple_may_hold_tensors():
+    x = dp.tensor(np.arange(12.0).reshape(3, 4), requires_grad=True)
+    rows = dp.tensor(np.array([2, 0, 2]))
+    y = x[rows, 1:3]
+    np.testing.assert_array_equal(y.data, np.arange(12.0).reshape(3, 4)[[2, 0, 2], 1:3])
+    y.backward(np.ones((3, 2)))
+    np.testing.assert_array_equal(x.grad, [[0, 1, 1, 0], [0, 0, 0, 0], [0, 2, 2, 0]])  # row 2 twice
