@@ -154,3 +154,14 @@ def test_activation_is_its_definition_and_keeps_float32(device, name):
     assert y32.dtype == np.float32
     np.testing.assert_allclose(to_numpy(y32.data), DEFINITIONS[name](x.astype(np.float32).astype(np.float64)),
                                rtol=2e-6, atol=2e-7)
+
+
+def test_erf_and_erfc_of_extreme_inputs_raise_no_floating_point_warnings():
+    """Each range's formula sees |x| clipped into its range: the ranges not chosen
+    must not overflow or divide by zero for tiny, huge or infinite inputs."""
+    x = np.array([0.0, -0.0, 1e-300, -1e-300, 5e-324, 1e200, -1e200, 1.7e308, -1.7e308, np.inf, -np.inf])
+    with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
+        ours_erf, ours_erfc = erf(x), erfc(x)
+    np.testing.assert_allclose(ours_erf, [math.erf(v) for v in x], rtol=2e-15, atol=0)
+    np.testing.assert_allclose(ours_erfc, [math.erfc(v) for v in x], rtol=2e-15, atol=0)
+    assert erfc(np.linspace(-3, 3, 7, dtype=np.float32)).dtype == np.float32
