@@ -1,6 +1,7 @@
 """ArrowLoader on real files: shards, order, padding, resume, layouts, threads, URIs."""
 
 import json
+import re
 from collections import Counter
 import subprocess
 import sys
@@ -472,3 +473,120 @@ def test_gpu_device_yields_cupy_arrays_equal_to_the_cpu_ones(dataset):
         np.testing.assert_array_equal(backend.to_numpy(have["x"]), want["x"])
         np.testing.assert_array_equal(backend.to_numpy(have["id"]), want["id"])
         np.testing.assert_array_equal(backend.to_numpy(plus_one["x"]), want["x"] + 1)
+
+
+def test_the_order_follows_the_shuffle_window(dataset):
+    """With a window of one block, each row group's rows stay together in the order;
+    wider windows mix them, differently for each width."""
+    path, _ = dataset
+    orders = {}
+    for window in (1, 2, 7):
+        loader = ArrowLoader(path, 101, seed=3, shuffle_window=window, drop_last=False)
+        (orders[window],) = batch_ids(loader)
+        assert sorted(orders[window]) == list(range(101))
+    blocks = [i // 8 for i in orders[1]]  # row groups of 8 rows (files of 40 and 21)
+    runs = [b for k, b in enumerate(blocks) if k == 0 or b != blocks[k - 1]]
+    assert len(runs) == len(set(runs)) == 13, "a block's rows were not kept together"
+    assert orders[1] != orders[2] != orders[7] != orders[1]
+
+
+def test_an_exhausted_epoch_is_saved_as_fully_consumed(dataset):
+    path, _ = dataset
+    loader = ArrowLoader(path, 10, seed=1)
+    everything = batch_ids(loader)
+    state = loader.state_dict()
+    assert state["batches_consumed"] == len(everything) == len(loader) and state["epoch"] == 0
+    resumed = ArrowLoader(path, 10, seed=1)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert batch_ids(resumed) == []  # nothing left of that epoch
+    assert batch_ids(resumed) == everything  # and the epoch again after that, as a fresh loader would
+    expected = {"version", "fingerprint", "num_samples", "seed", "shuffle", "shuffle_window", "drop_last", "epoch",
+                "world_size", "batch_size", "batches_consumed", "history"}
+    assert expected <= set(state) and state["num_samples"] == 101
+
+
+def test_a_closed_iterator_yields_nothing_more_and_keeps_the_position(dataset):
+    path, _ = dataset
+    loader = ArrowLoader(path, 10)
+    stream = iter(loader)
+    next(stream)
+    stream.close()
+    stream.close()  # a second close is harmless
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert loader.state_dict()["batches_consumed"] == 1
+
+
+def test_set_epoch_and_load_state_dict_name_what_is_wrong(dataset, tmp_path):
+    path, _ = dataset
+    loader = ArrowLoader(path, 5, seed=1)
+    with pytest.raises(ConfigError, match=r"^epoch must be an integer >= 0, got -1$"):
+        loader.set_epoch(-1)
+    state = loader.state_dict()
+    with pytest.raises(ConfigError, match=r"^loader state has version 7, expected 1$"):
+        loader.load_state_dict(dict(state, version=7))
+    where = loader.index.location.display
+    with pytest.raises(DataError, match="^" + re.escape(f"{where}: loader state says 21 batches were consumed but "
+                                                        "that stretch of the epoch has 20")):
+        loader.load_state_dict(dict(state, batches_consumed=21))
+    with pytest.raises(ConfigError, match=r"^loader state has shuffle_window=4 but this loader has "
+                                          r"shuffle_window=2; the sample order would differ$"):
+        ArrowLoader(path, 5, seed=1, shuffle_window=2).load_state_dict(state)
+
+
+def test_load_state_dict_checks_every_stage_against_the_stages_before_it(dataset):
+    path, _ = dataset
+    where = ArrowLoader(path, 4).index.location.display
+    dropping = ArrowLoader(path, 10, drop_last=True)  # 10 full batches; 11 without drop_last
+    with pytest.raises(DataError, match=re.escape(f"{where}: loader state says 11 batches were consumed")):
+        dropping.load_state_dict(dict(dropping.state_dict(), batches_consumed=11))
+    # 3 ranks took 5 of their 8 batches of 4 (60 of 101 samples), then 2 ranks of 7 go
+    # on: 41 left, 2 full batches each (drop_last, the default).
+    state = dict(ArrowLoader(path, 7, world_size=2).state_dict(), history=[[3, 4, 5]], batches_consumed=2)
+    ArrowLoader(path, 7, world_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match=re.escape(f"{where}: loader state says 3 batches were consumed but that "
+                                                  "stretch of the epoch has 2")):
+        ArrowLoader(path, 7, world_size=2).load_state_dict(dict(state, batches_consumed=3))
+    with pytest.raises(DataError, match=re.escape(f"{where}: loader state says 9 batches were consumed but that "
+                                                  "stretch of the epoch has 8")):
+        ArrowLoader(path, 7, world_size=2).load_state_dict(dict(state, history=[[3, 4, 9]]))
+
+
+def test_resuming_under_another_setup_before_any_batch_adds_no_stage(dataset):
+    path, _ = dataset
+    state = ArrowLoader(path, 5, world_size=3).state_dict()  # nothing consumed yet
+    resumed = ArrowLoader(path, 7, world_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["history"] == [] and resumed.state_dict()["batches_consumed"] == 0
+    assert len(batch_ids(resumed)) == len(resumed)
+
+
+def test_check_consistent_names_each_field_that_differs(dataset, tmp_path):
+    path, _ = dataset
+    other = tmp_path / "other"
+    write_ids(other, 101, row_group_size=8, rows_per_file=40, shape=(3, 2))  # same rows, another schema
+    cases = {
+        "fingerprint": ArrowLoader(other, 5, rank=1, world_size=2),
+        "batch_size": ArrowLoader(path, 6, rank=1, world_size=2),
+        "drop_last": ArrowLoader(path, 5, rank=1, world_size=2, drop_last=False),
+        "shuffle_window": ArrowLoader(path, 5, rank=1, world_size=2, shuffle_window=3),
+        "seed": ArrowLoader(path, 5, rank=1, world_size=2, seed=9),
+    }
+    for field, loader in cases.items():
+        group = [ArrowLoader(path, 5, rank=0, world_size=2), loader]
+        with pytest.raises(DataError, match=rf": rank 1 has {{'{field}': .*}} but rank 0 has {{'{field}': "):
+            group[0].check_consistent(FakeComm(group))
+    sizes = [ArrowLoader(path, 5, rank=0, world_size=2), ArrowLoader(path, 5, rank=1, world_size=3)]
+    with pytest.raises(DataError, match=r"world_size"):
+        sizes[0].check_consistent(FakeComm(sizes))
+
+
+def test_a_rank_done_with_its_epoch_agrees_with_one_that_starts_it_again(dataset):
+    path, _ = dataset
+    done, fresh = rank_loaders(path, 2, 5)
+    batch_ids(done)  # epoch 0 over; it would repeat on the next iteration
+    iter(fresh).close()
+    done.check_consistent(FakeComm([done, fresh]))
+    with pytest.raises(DataError, match=r"^.*: rank 1 has \{'epoch': 1\} but rank 0 has \{'epoch': 0\}$"):
+        fresh.set_epoch(1)
+        done.check_consistent(FakeComm([done, fresh]))
