@@ -144,3 +144,39 @@ def test_two_reshards_in_one_epoch_still_partition_it():
 def test_a_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match="rank 4"):
         plan_rank(10, 4, 4, 1, True)
+
+
+def test_the_order_of_a_seed_and_epoch_never_changes():
+    """A run resumed from a checkpoint, maybe by a newer distprop, must see the order
+    the saved run saw: these positions are part of the checkpoint format."""
+    order = EpochOrder([3, 4, 5, 2], seed=7, epoch=1, window=2)
+    assert order.block_order.tolist() == [2, 0, 3, 1]
+    assert order.rows(0, 14).tolist() == [7, 1, 8, 2, 11, 10, 9, 0, 6, 5, 4, 13, 3, 12]
+    assert EpochOrder([3, 4, 5, 2], seed=7, epoch=1).window == 4  # the default window
+
+
+def test_an_epoch_of_no_blocks_is_empty():
+    order = EpochOrder([], seed=0, epoch=0)
+    assert len(order) == 0 and order.rows(0, 0).tolist() == []
+
+
+def test_adjacent_ranges_come_out_merged():
+    assert slice_ranges(((0, 3), (3, 5), (8, 9)), 0, 6) == ((0, 5), (8, 9))
+    assert slice_ranges(((0, 3), (3, 5)), 2, 9) == ((2, 5), (0, 4))
+
+
+def test_sampler_errors_say_what():
+    with pytest.raises(ValueError, match=r"^seed and epoch must be >= 0 \(got seed=-1, epoch=0\)$"):
+        EpochOrder([2], seed=-1, epoch=0)
+    with pytest.raises(ValueError, match=r"^seed and epoch must be >= 0 \(got seed=0, epoch=-2\)$"):
+        EpochOrder([2], seed=0, epoch=-2)
+    with pytest.raises(ValueError, match=r"^window must be >= 1 \(got 0\)$"):
+        EpochOrder([2], seed=0, epoch=0, window=0)
+    with pytest.raises(IndexError, match=r"^positions \[1, 5\) outside S of length 2$"):
+        EpochOrder([2], seed=0, epoch=0).rows(1, 5)
+    with pytest.raises(ValueError, match=r"^cannot take positions from an empty sequence$"):
+        slice_ranges((), 0, 1)
+    with pytest.raises(ValueError, match=r"^rank 3 outside 0..2$"):
+        plan_rank(10, 3, 3, 2, False)
+    with pytest.raises(IndexError, match=r"^batch 5 outside 0..4$"):
+        plan_rank(10, 1, 0, 2, False).batch_positions(5)
