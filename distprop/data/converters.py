@@ -38,12 +38,18 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCH = "test_batch"
 
 
-def _write(out, columns: dict, shuffle: bool, seed: int, write_options: dict, source: str) -> list[str]:
+# What the classification converters record as their columns' roles (see DatasetWriter).
+IMAGE_ROLES = {"input": "image", "label": "label"}
+FEATURE_ROLES = {"input": "features", "label": "label"}
+
+
+def _write(out, columns: dict, shuffle: bool, seed: int, write_options: dict, source: str,
+           roles: dict | None = None) -> list[str]:
     rows = check_same_length(columns, source)
     if shuffle:
         order = np.random.default_rng(seed).permutation(rows)
         columns = {name: values[order] for name, values in columns.items()}
-    return write_dataset(out, columns, **write_options)
+    return write_dataset(out, columns, **{"roles": roles, **write_options})
 
 
 def convert_digits(out, *, test_fraction: float = 0.2, seed: int = 0, **write_options) -> dict[str, list[str]]:
@@ -60,7 +66,8 @@ def convert_digits(out, *, test_fraction: float = 0.2, seed: int = 0, **write_op
     n_test = int(round(len(labels) * test_fraction))
     splits = {"test": order[:n_test], "train": order[n_test:]}
     return {name: write_dataset(os.path.join(os.fspath(out), name),
-                                {"image": images[rows], "label": labels[rows]}, **write_options)
+                                {"image": images[rows], "label": labels[rows]},
+                                **{"roles": IMAGE_ROLES, **write_options})
             for name, rows in splits.items()}
 
 
@@ -103,7 +110,7 @@ def convert_mnist(images_path, labels_path, out, *, shuffle: bool = True, seed: 
         raise DataError(f"{os.fspath(labels_path)}: expected {len(images)} labels (one per image in "
                         f"{os.fspath(images_path)}), found shape {list(labels.shape)}")
     columns = {"image": images[:, None].astype(np.uint8), "label": labels.astype(np.int64)}
-    return _write(out, columns, shuffle, seed, write_options, os.fspath(images_path))
+    return _write(out, columns, shuffle, seed, write_options, os.fspath(images_path), IMAGE_ROLES)
 
 
 def read_cifar10_batch(path) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +151,7 @@ def convert_cifar10(directory, out, *, shuffle: bool = True, seed: int = 0,
         columns = {"image": np.concatenate([images for images, _ in parts]),
                    "label": np.concatenate([labels for _, labels in parts])}
         written[split] = _write(os.path.join(os.fspath(out), split), columns, shuffle, seed, write_options,
-                                directory)
+                                directory, IMAGE_ROLES)
     return written
 
 
@@ -196,4 +203,4 @@ def convert_csv(path, out, *, label_column: str, feature_columns=None, shuffle: 
         "features": np.stack([table.column(n).to_numpy().astype(np.float32) for n in features], axis=1),
         "label": table.column(label_column).to_numpy().astype(np.int64),
     }
-    return _write(out, columns, shuffle, seed, write_options, path)
+    return _write(out, columns, shuffle, seed, write_options, path, FEATURE_ROLES)

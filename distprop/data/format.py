@@ -43,6 +43,11 @@ import pyarrow as pa
 from distprop.errors import DataError
 
 SHAPE_KEY = b"distprop.shape"
+# Schema metadata: which column plays which part in training, as JSON
+# ({"input": "image", "label": "label"}), written by the converters so that a job
+# needs no column options for a dataset they made.
+ROLES_KEY = b"distprop.roles"
+ROLES = ("input", "label")
 
 
 # ColumnSpec.kind
@@ -71,6 +76,33 @@ class ColumnSpec:
             return f"{self.dtype} list"
         shape = "x".join(str(d) for d in self.shape) if self.shape else "scalar"
         return f"{self.dtype} {shape}" + (" list" if self.kind == LIST else "")
+
+
+def roles_metadata(roles, columns, where: str) -> dict[bytes, bytes]:
+    """Schema metadata recording `roles` (role -> column name); each role must be one
+    of `ROLES` and name one of `columns`."""
+    for role, column in roles.items():
+        if role not in ROLES:
+            raise DataError(f"{where}: unknown column role {role!r} (roles: {', '.join(ROLES)})")
+        if column not in columns:
+            raise DataError(f"{where}: the {role} role names column {column!r}, which is not written "
+                            f"(columns: {', '.join(columns)})")
+    return {ROLES_KEY: json.dumps(dict(roles), sort_keys=True).encode()}
+
+
+def read_roles(schema: pa.Schema, where: str) -> dict[str, str]:
+    """The column roles a schema records (role -> column name); {} when none."""
+    raw = (schema.metadata or {}).get(ROLES_KEY)
+    if raw is None:
+        return {}
+    try:
+        roles = json.loads(raw)
+        valid = isinstance(roles, dict) and all(isinstance(v, str) for v in roles.values())
+    except ValueError:
+        valid = False
+    if not valid:
+        raise DataError(f"{where}: unreadable column roles in the schema metadata: {raw!r}")
+    return {role: column for role, column in roles.items() if role in ROLES}
 
 
 def _is_numeric(arrow_type: pa.DataType) -> bool:

@@ -68,7 +68,8 @@ def convert_image_folder(root, out, *, shuffle: bool = True, seed: int = 0, row_
     features = {"image": {"_type": "Image"}, "label": {"names": classes, "_type": "ClassLabel"}}
     metadata = {HF_METADATA_KEY: json.dumps({"info": {"features": features}})}
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    with DatasetWriter(out, row_group_size=row_group_size, metadata=metadata, **write_options) as writer:
+    with DatasetWriter(out, row_group_size=row_group_size, metadata=metadata,
+                       **{"roles": {"input": "image", "label": "label"}, **write_options}) as writer:
         for start in range(0, len(order), _CHUNK_ROWS):
             chunk = [samples[i] for i in order[start:start + _CHUNK_ROWS].tolist()]
             blobs = [_read_image(path, decoder) for path, _ in chunk]

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distprop.data.format import ARRAY, LIST, ColumnSpec, column_spec, first_row_shape, list_to_numpy
+from distprop.data.format import ARRAY, LIST, ColumnSpec, column_spec, first_row_shape, list_to_numpy, read_roles
 from distprop.data.storage import Location, dataset_kind, first_line, list_dataset_files, open_input, resolve
 from distprop.errors import ConfigError, DataError
 
@@ -61,8 +61,9 @@ class DatasetIndex:
     """
 
     def __init__(self, location: Location, files: list[DataFile], blocks: list[Block],
-                 columns: dict[str, ColumnSpec]):
+                 columns: dict[str, ColumnSpec], roles: dict[str, str] | None = None):
         self.location = location
+        self.roles = roles or {}  # role -> column, as the first file records them (format.read_roles)
         self.files = files
         self.blocks = blocks
         self.columns = columns
@@ -89,6 +90,7 @@ class DatasetIndex:
             file_specs = _select_columns(schema, wanted, file_location.display)
             if specs is None:
                 specs, first = file_specs, file_location.display
+                roles = read_roles(schema, first)
             else:
                 _check_same_columns(file_specs, specs, file_location.display, first, strict_names=wanted is None)
             files.append(data_file)
@@ -103,7 +105,7 @@ class DatasetIndex:
         specs = {name: _list_shape(spec, files[blocks[0].file], blocks[0])
                  if spec.kind == LIST and name not in sequences else spec for name, spec in specs.items()}
         _check_expected(specs, expected, first)
-        return cls(location, files, blocks, specs)
+        return cls(location, files, blocks, specs, roles)
 
     def block_of_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(block number, row within that block) for each global row id."""

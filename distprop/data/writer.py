@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from distprop.data.format import SHAPE_KEY, arrow_column
+from distprop.data.format import SHAPE_KEY, arrow_column, roles_metadata
 from distprop.data.storage import Location, dataset_files_under, resolve
 from distprop.errors import ConfigError, DataError
 
@@ -46,12 +46,16 @@ class DatasetWriter:
     `path` is a directory (created if needed) or a ``pyarrow.fs`` URI. A directory
     that already holds dataset files is refused unless ``overwrite=True``, which
     deletes those files first (other files are left alone).
+
+    `metadata` goes into the schema as it is; `roles` records which column is the
+    model's input and which its label (``{"input": "image", "label": "label"}``), so
+    that `distprop train` needs no column options for the dataset.
     """
 
     def __init__(self, path, *, rows_per_file: int | None = None, row_group_size: int = 1024,
                  compression: str = "none", format: str = "parquet", tensor_type: str = "list",
                  overwrite: bool = False, filesystem: pafs.FileSystem | None = None,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, roles: Mapping[str, str] | None = None):
         if format not in ("parquet", "ipc"):
             raise ConfigError(f"format must be 'parquet' or 'ipc', not {format!r}")
         allowed = PARQUET_COMPRESSIONS if format == "parquet" else IPC_COMPRESSIONS
@@ -66,6 +70,7 @@ class DatasetWriter:
         self.rows_per_file, self.row_group_size = rows_per_file, row_group_size
         self.compression, self.format, self.tensor_type = compression, format, tensor_type
         self.metadata = dict(metadata or {})  # the schema's key/value metadata (class names, tokenizer)
+        self.roles = dict(roles or {})
         self.files: list[str] = []
         self._schema: pa.Schema | None = None
         self._pending: list[pa.Table] = []
@@ -121,7 +126,9 @@ class DatasetWriter:
                     raise DataError(f"{self.location.display}: {error}") from None
             fields.append(field)
             data.append(array)
-        schema = pa.schema(fields, metadata=self.metadata or None)
+        metadata = {**self.metadata, **roles_metadata(self.roles, arrays, self.location.display)} \
+            if self.roles else self.metadata
+        schema = pa.schema(fields, metadata=metadata or None)
         if self._schema is None:
             self._schema = schema
         elif not schema.equals(self._schema, check_metadata=True):
@@ -192,7 +199,8 @@ def check_same_length(columns: Mapping[str, np.ndarray], where: str) -> int:
 
 def write_dataset(path, columns: Mapping[str, np.ndarray], *, rows_per_file: int | None = None,
                   row_group_size: int = 1024, compression: str = "none", format: str = "parquet",
-                  tensor_type: str = "list", overwrite: bool = False, filesystem=None) -> list[str]:
+                  tensor_type: str = "list", overwrite: bool = False, filesystem=None,
+                  roles: Mapping[str, str] | None = None) -> list[str]:
     """Write `columns` (name -> array, first axis = samples, equal lengths) as a dataset
     directory at `path` and return the files written.
 
@@ -202,7 +210,7 @@ def write_dataset(path, columns: Mapping[str, np.ndarray], *, rows_per_file: int
     """
     with DatasetWriter(path, rows_per_file=rows_per_file, row_group_size=row_group_size,
                        compression=compression, format=format, tensor_type=tensor_type,
-                       overwrite=overwrite, filesystem=filesystem) as writer:
+                       overwrite=overwrite, filesystem=filesystem, roles=roles) as writer:
         writer.write(columns)
     return writer.files
 

@@ -84,10 +84,11 @@ class TrainConfig:
     data: str = option("digits", "dataset: a directory with train/ and test/ splits in distprop's Parquet "
                        "format, or 'digits' (UCI digits, written under OUT/data on first use)",
                        kind="trajectory", metavar="PATH")
-    input_column: str = option(None, "column fed to the model (default: 'image', 'features', 'input' or "
-                               "the only column besides the label)", type=str, kind="trajectory",
-                               optional=True, metavar="COLUMN")
-    label_column: str = option("label", "integer class column", kind="trajectory", metavar="COLUMN")
+    input_column: str = option(None, "column fed to the model (default: the dataset's recorded input column, "
+                               "else 'image', 'features', 'input' or the only column besides the label)",
+                               type=str, kind="trajectory", optional=True, metavar="COLUMN")
+    label_column: str = option(None, "integer class column (default: the dataset's recorded label column, "
+                               "else 'label')", type=str, kind="trajectory", optional=True, metavar="COLUMN")
     num_classes: int = option(None, "number of classes (default: largest label in train/ + 1)", type=int,
                               kind="trajectory", optional=True, minimum=2)
     # -- optimization --------------------------------------------------------------

@@ -72,20 +72,21 @@ def write_digits_once(directory: str) -> None:
 
 def describe_columns(config, directory: str) -> tuple[ColumnSpec, str, int]:
     """The input column's spec, the label column's name (both checked) and the
-    training split's sample count."""
+    training split's sample count. Columns not set in the config are the ones the
+    dataset records for those roles (DatasetWriter's `roles`), else found by name."""
     train = os.path.join(directory, "train")
     index = DatasetIndex.open(train)
-    columns = index.columns
-    label = config.label_column
+    columns, roles = index.columns, index.roles
+    label = config.label_column or roles.get("label", "label")
     if label not in columns:
         raise DataError(f"{train}: no label column '{label}' (columns: {', '.join(columns)}); set label_column")
     if columns[label].shape != () or columns[label].dtype.kind not in "iu":
         raise DataError(f"{train}: label column '{label}' holds {columns[label].describe()}, "
                         "expected one integer per sample")
-    if config.input_column is not None:
-        if config.input_column not in columns:
-            raise DataError(f"{train}: no input column '{config.input_column}' (columns: {', '.join(columns)})")
-        chosen = config.input_column
+    chosen = config.input_column or roles.get("input")
+    if chosen is not None:
+        if chosen not in columns:
+            raise DataError(f"{train}: no input column '{chosen}' (columns: {', '.join(columns)})")
     else:
         others = [name for name in columns if name != label]
         chosen = next((name for name in INPUT_NAMES if name in others), others[0] if len(others) == 1 else None)

@@ -174,8 +174,8 @@ def _checkpoint_and_config(config, comm):
 
 
 def _dataset(config, comm):
-    """The dataset (digits written on first use), and the config with the input
-    column and the number of classes it found filled in."""
+    """The dataset (digits written on first use), and the config with the input and
+    label columns and the number of classes it found filled in."""
     agreed(comm, job_data.check_dataset_directory, config, config.out)
     directory = job_data.dataset_directory(config, config.out)
     if config.data == "digits":
@@ -185,7 +185,7 @@ def _dataset(config, comm):
     num_classes = config.num_classes or on_rank_zero(comm, f"data: {train_dir}", job_data.count_classes,
                                                      train_dir, label)
     dataset = job_data.Dataset(train_dir, test_dir, spec, label, num_classes, train_samples)
-    return config.replaced(input_column=spec.name, num_classes=num_classes), dataset
+    return config.replaced(input_column=spec.name, label_column=label, num_classes=num_classes), dataset
 
 
 def _restore_training(config, comm, checkpoint, state, model, optimizer, lr: float, total: int):
