@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from distprop.data.format import ARRAY, LIST, column_to_numpy, image_rows, list_to_numpy
-from distprop.data.images import ImageDecoder, ImageError
+from distprop.data.images import Geometry, ImageDecoder, ImageError
+from distprop.data.resample import resample_image, resample_into
 from distprop.data.index import DatasetIndex
 from distprop.data.storage import first_line
 from distprop.data.tokens import PackedAssembler, PackedLayout, TokenOptions, fill_padded, read_token_block
@@ -229,7 +230,10 @@ class BatchBuilder:
                                                                "datasets' embed_external_files does)"
                                                                if path else ""))
                 rng = np.random.default_rng([spec.seed, self.epoch, _AUGMENT, number, sample])
-                image = decode_sample(self.decoder, pipeline, rows.row(local), rng)
+                if pipeline.middle:
+                    image, region = decode_sample(self.decoder, pipeline, rows.row(local), rng), None
+                else:  # resampled and run through the tail in one pass, straight into the batch
+                    region = decode_region(self.decoder, pipeline, rows.row(local), rng)
             except ImageError as error:
                 if spec.on_error == "skip":
                     return f"{where}: column {name!r} {error}"
@@ -240,22 +244,46 @@ class BatchBuilder:
                 raise DataError(f"{where}: column {name!r}: an image transform failed "
                                 f"({type(error).__name__}: {first_line(error)})") from error
             target = out[name][position]
-            tail = pipeline.tail_for(image)
-            shape = tail.sample_shape(image.shape[:2] if tail.input_layout == "HWC" else image.shape[1:])
-            if shape != target.shape:
-                raise DataError(f"{where}: column {name!r} gives an image of shape {shape} after its transforms, "
-                                f"but the batch holds {target.shape} (end the transforms with a fixed-size "
-                                "crop or Resize((h, w)))")
-            tail.write(image, target)
+            if region is None:
+                tail = pipeline.tail_for(image)
+                _check_shape(tail.sample_shape(image.shape[:2] if tail.input_layout == "HWC" else image.shape[1:]),
+                             target, where, name)
+                tail.write(image, target)
+                continue
+            pixels, box, geometry = region
+            _check_shape(pipeline.tail.sample_shape(geometry.size if geometry else pixels.shape[:2]), target,
+                         where, name)
+            if geometry is None:
+                pipeline.tail.write(pixels, target)
+            else:
+                resample_into(pixels, box, geometry.flip, target, pipeline.tail)
         return None
+
+
+def _check_shape(shape: tuple[int, ...], target: np.ndarray, where: str, name: str) -> None:
+    if shape != target.shape:
+        raise DataError(f"{where}: column {name!r} gives an image of shape {shape} after its transforms, "
+                        f"but the batch holds {target.shape} (end the transforms with a fixed-size "
+                        "crop or Resize((h, w)))")
+
+
+def decode_region(decoder: ImageDecoder, pipeline: ImagePipeline, data, rng) -> tuple[np.ndarray, tuple,
+                                                                                      Geometry | None]:
+    """Decode one image for its geometric transforms: the decoded pixels, the planned
+    region in them and the plan (None without geometric transforms)."""
+    geometry = None
+    if pipeline.geometric:
+        geometry = pipeline.geometry(*decoder.size(data), rng)
+    pixels, box = decoder.decode_region(data, geometry)
+    return pixels, box, geometry
 
 
 def decode_sample(decoder: ImageDecoder, pipeline: ImagePipeline, data, rng) -> np.ndarray:
     """Decode one image and run its transforms up to (not including) the fused tail."""
-    geometry = None
-    if pipeline.geometric:
-        geometry = pipeline.geometry(*decoder.size(data), rng)
-    return pipeline.finish(decoder.decode(data, geometry), rng)
+    pixels, box, geometry = decode_region(decoder, pipeline, data, rng)
+    if geometry is not None:
+        pixels = resample_image(pixels, box, geometry.size, geometry.flip)
+    return pipeline.finish(pixels, rng)
 
 
 def probe_image_outputs(spec: BatchSpec, read_block) -> None:

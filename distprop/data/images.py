@@ -15,7 +15,7 @@ decodes at 1/2, 1/4 or 1/8 scale, never below the output size (FFCV and
 torchvision decode at full size; the pixels differ from theirs by about 1-2 levels
 of 255 on average, the detail the output can show is kept); the region is then
 resampled once, with Pillow's bilinear filter with antialiasing (torchvision's
-default for PIL images).
+default for PIL images; see `distprop.data.resample`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import io
 
 import numpy as np
 
+from distprop.data.resample import resample_image
 from distprop.errors import DataError
 
 try:  # the `images` extra; without it JPEGs go through Pillow as well
@@ -97,11 +98,25 @@ class ImageDecoder:
 
     def decode(self, data, geometry: Geometry | None = None) -> np.ndarray:
         """The image, or the planned `geometry` of it, as HWC uint8."""
+        pixels, box = self.decode_region(data, geometry)
+        if geometry is None:
+            return pixels
+        return resample_image(pixels, box, geometry.size, geometry.flip)
+
+    def decode_region(self, data, geometry: Geometry | None = None) -> tuple[np.ndarray, tuple]:
+        """The decoded pixels, HWC uint8 (at reduced scale where the planned `geometry`
+        allows), and the planned region in them, ``(left, top, right, bottom)``."""
+        pixels = None
         if simplejpeg is not None and bytes(data[:2]) == _JPEG_MAGIC:
-            array = self._decode_jpeg(data, geometry)
-            if array is not None:
-                return array
-        return self._decode_pillow(data, geometry)
+            pixels = self._decode_jpeg(data, geometry)
+        if pixels is None:
+            pixels = self._decode_pillow(data, geometry)
+        if geometry is None:
+            return pixels, (0.0, 0.0, float(pixels.shape[1]), float(pixels.shape[0]))
+        height, width = geometry.source_size
+        sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
+        x0, y0, x1, y1 = geometry.box
+        return pixels, (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
     # -- JPEG through libjpeg-turbo ----------------------------------------------------
 
@@ -123,14 +138,7 @@ class ImageDecoder:
                                            min_width=-(-width // factor) if factor > 1 else 0)
         except ValueError as error:  # corrupt data; truncation too, since strict=True is the default
             raise ImageError(f"is a corrupt or truncated JPEG ({error})") from None
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if geometry is None:
-            return array
-        from PIL import Image
-
-        image = Image.fromarray(array[:, :, 0] if self.channels == 1 else array)
-        return _finish(image, geometry, self.channels)
+        return array[:, :, None] if array.ndim == 2 else array
 
     # -- everything else through Pillow ------------------------------------------------
 
@@ -153,11 +161,8 @@ class ImageDecoder:
             image.load()
         except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three for bad data
             raise ImageError(f"is a corrupt or truncated {image.format or 'image'} ({error})") from None
-        image = self._convert(image)
-        if geometry is None:
-            array = np.asarray(image)
-            return array[:, :, None] if array.ndim == 2 else array
-        return _finish(image, geometry, self.channels)
+        array = np.asarray(self._convert(image))
+        return array[:, :, None] if array.ndim == 2 else array
 
     def _convert(self, image):
         modes = _MODES[self.channels]
@@ -194,20 +199,3 @@ def _reduction(geometry: Geometry | None) -> int:
         factor *= 2
     return factor
 
-
-def _finish(image, geometry: Geometry, channels: int) -> np.ndarray:
-    """Resample the planned region of `image` (decoded at full or reduced scale) to the
-    planned size, mirror it if planned, as HWC uint8."""
-    from PIL import Image
-
-    height, width = geometry.source_size
-    sx, sy = image.width / width, image.height / height
-    x0, y0, x1, y1 = geometry.box
-    box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-    out_h, out_w = geometry.size
-    if box != (0.0, 0.0, float(image.width), float(image.height)) or (out_h, out_w) != (image.height, image.width):
-        image = image.resize((out_w, out_h), Image.BILINEAR, box=box)
-    if geometry.flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image)
-    return array[:, :, None] if array.ndim == 2 else array

@@ -208,6 +208,7 @@ class Tail:
         self.input_dtype = self.dtype = np.dtype(np.uint8)
         self.multiplier = np.ones(channels)
         self.offset = np.zeros(channels)
+        self._table = None
 
     @classmethod
     def build(cls, transforms, channels: int, layout: str = "HWC", dtype=np.uint8) -> Tail:
@@ -256,6 +257,18 @@ class Tail:
         np.multiply(image, multiplier, out=out, casting="unsafe")
         if np.any(self.offset != 0):
             out += self.offset.astype(self.dtype)[axis]
+
+    def table(self) -> np.ndarray:
+        """``(channels, 256)``: what each uint8 value becomes in each channel, computed
+        by `write` itself (so a kernel that looks values up writes the same bytes).
+        Only for tails that take HWC uint8."""
+        if self._table is None:
+            values = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (1, 256, self.channels))
+            table = np.empty((self.sample_shape((1, 256))), self.dtype)
+            self.write(values, table)
+            self._table = np.ascontiguousarray(table.reshape(self.channels, 256) if self.layout == "CHW"
+                                               else table.reshape(256, self.channels).T)
+        return self._table
 
     def apply_to_batch(self, batch):
         """The same on a whole NHWC batch in the input layout and dtype, on whatever
