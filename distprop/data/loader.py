@@ -13,7 +13,7 @@ Pipeline for one epoch on one rank::
 
 Decoded data stays bounded by ``shuffle_window + max(read_threads, shuffle_window)``
 blocks (row groups) plus the batches in the queue, whatever the dataset's size
-(with workers: a few blocks per worker, and ``num_workers + prefetch`` batch slots).
+(with workers: a few blocks per worker, and ``num_workers + prefetch + 1`` batch slots).
 The schedule of the rank's epoch is built up front, though: about 8 bytes per
 sample of this rank's share, and time proportional to it before the first batch.
 """
@@ -102,9 +102,13 @@ class ArrowLoader:
     decode (default: one per core this process may use, at most 4; pyarrow's own
     pool off). ``num_workers=N`` starts N worker processes (on the first ``iter``;
     kept until `close`) that build batches in shared memory; the batches are the
-    same as with any other N. The `transform` (``dict -> dict``, on host numpy
-    arrays) runs in the loader's process. With several unbound ranks per node, keep
-    ``ranks * (num_workers + 1)`` near the core count.
+    same as with any other N. Their arrays are views of that memory, not copies: a
+    batch's memory is reused only once none of its arrays (or views of them) is
+    referenced any more (keeping more than one or two batches alive leaves the
+    workers fewer slots to build in; past ``num_workers + prefetch`` of them, further
+    batches are copies). The `transform` (``dict -> dict``, on host
+    numpy arrays) runs in the loader's process. With several unbound ranks per node,
+    keep ``ranks * (num_workers + 1)`` near the core count.
 
     Extra keywords beyond the common ones: `shuffle_window` (row groups mixed by the
     shuffle; memory grows with it), `filesystem` (a ``pyarrow.fs.FileSystem`` for
@@ -344,13 +348,13 @@ class ArrowLoader:
         feeder = _device_feeder(self.device)
         arguments = (self._spec, order, plan, self._batches_done, self.shuffle_window, self._epoch)
         if self.num_workers:
-            produce = WorkerBatchProducer(self._workers(), *arguments, self._finisher(feeder, borrowed=True))
+            produce = WorkerBatchProducer(self._workers(), *arguments, self._finisher(feeder))
             depth = 1  # the workers' slots hold the other prefetched batches
         else:
             allocate = None
             if feeder is not None and self.transform is None:  # assemble straight into pinned buffers
                 allocate = feeder.host_buffer
-            produce = BatchProducer(*arguments, self._finisher(feeder, borrowed=False), self.read_threads, allocate)
+            produce = BatchProducer(*arguments, self._finisher(feeder), self.read_threads, allocate)
             depth = self.prefetch
         source = Prefetcher(produce, depth) if self.prefetch else Inline(produce)
         iterator = _LoaderIterator(self, source, plan.num_batches)
@@ -369,13 +373,14 @@ class ArrowLoader:
         if self._pool is None:
             from distprop.data.worker_pool import WorkerPool  # only runs with workers need it
 
-            self._pool = WorkerPool(self._spec, self.num_workers, slots=self.num_workers + max(1, self.prefetch),
+            # A slot for each worker, for each prefetched batch and for the one in use.
+            self._pool = WorkerPool(self._spec, self.num_workers, slots=self.num_workers + max(1, self.prefetch) + 1,
                                     batch_size=self.batch_size, cache_blocks=2 * self.shuffle_window + 1)
         return self._pool
 
-    def _finisher(self, feeder, borrowed: bool):
-        """host batch -> delivered batch: copied out of shared memory (`borrowed`), the
-        user's transform, the copy to the GPU and the images' deferred ToTensor/Normalize."""
+    def _finisher(self, feeder):
+        """host batch -> delivered batch: the user's transform, the copy to the GPU and
+        the images' deferred ToTensor/Normalize."""
         transform, tails = self.transform, self._device_tails
 
         def finish_on_device(batch: dict) -> dict:
@@ -384,8 +389,6 @@ class ArrowLoader:
             return batch
 
         def finish(batch: dict) -> dict:
-            if borrowed and (feeder is None or transform is not None):
-                batch = {name: np.array(array) for name, array in batch.items()}
             if transform is not None:
                 batch = transform(batch)
             if feeder is not None:

@@ -137,8 +137,9 @@ class BatchProducer:
 
 class WorkerBatchProducer:
     """The same stream as `BatchProducer`, built by worker processes: the schedule
-    decides each batch's samples here, a `WorkerPool` builds them, and `finish` (which
-    must copy them out of shared memory, to the host or the GPU) runs on each."""
+    decides each batch's samples here, a `WorkerPool` builds them in shared memory, and
+    `finish` runs on each (on views of the shared memory, which stay valid as long
+    as they are referenced)."""
 
     def __init__(self, pool, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int,
                  epoch: int, finish):

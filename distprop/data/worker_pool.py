@@ -3,10 +3,12 @@
 The loader's background thread hands out batches round-robin, batch ``k`` of a
 stretch to worker ``k mod N``, and takes them back in the same order, so the
 batches are the same whatever N is (and the same as with no workers: each sample's
-augmentation depends on its own index only). At most `slots` batches are handed
-out at once; each is built straight into its own slot of shared memory (see
-`distprop.data.shared_slots`), and only a few small numbers travel through the
-socket pair of each worker (no array is pickled).
+augmentation depends on its own index only). Each batch is built straight into a
+free slot of shared memory (see `distprop.data.shared_slots`), only a few small
+numbers travel through the socket pair of each worker (no array is pickled), and
+the training loop receives views of the slot, not a copy; the slot is filled again
+once the last of those views is gone. All but one slot may be lent at a time (one
+stays for the workers); a batch that would take the last is copied out instead.
 
 Failures end the epoch with a DataError in the training process:
 
@@ -34,10 +36,13 @@ import subprocess
 import sys
 import time
 import weakref
-from multiprocessing.connection import Connection
+from collections import deque
+from multiprocessing.connection import Connection, wait
+
+import numpy as np
 
 from distprop.data.batch import BatchRows, BatchSpec
-from distprop.data.shared_slots import SharedSlots, slot_layout
+from distprop.data.shared_slots import FreeSlots, SharedSlots, slot_layout
 from distprop.errors import DataError
 
 _STOP_WAIT_S = 1.0  # a worker still busy after this is killed: nothing it holds needs saving
@@ -50,6 +55,7 @@ class WorkerPool:
         self.spec, self.num_workers = spec, num_workers
         self.offsets, slot_bytes = slot_layout(spec.outputs, batch_size)
         self.slots = SharedSlots(slots, slot_bytes)
+        self.free = FreeSlots(slots)
         self.generation = 0
         self.broken = False  # a worker died: the loader starts a new pool for the next epoch
         self.outstanding: dict[int, set] = {}   # worker -> {(generation, slot)} handed out, not yet answered
@@ -63,7 +69,7 @@ class WorkerPool:
         except BaseException:
             self.close()
             raise
-        self._finalizer = weakref.finalize(self, _stop, self.processes, self.connections, self.slots)
+        self._finalizer = weakref.finalize(self, _stop, self.processes, self.connections, self.slots, self.free)
         atexit.register(self._finalizer)
 
     def _start(self, setup: dict) -> None:
@@ -90,47 +96,67 @@ class WorkerPool:
         if finalizer is not None:
             finalizer()
         else:
-            _stop(self.processes, self.connections, self.slots)
+            _stop(self.processes, self.connections, self.slots, self.free)
 
     # -- one stretch of an epoch --------------------------------------------------------
 
     def batches(self, epoch: int, work, describe_epoch: str):
-        """Yield ``(batch number, arrays in a slot, samples skipped)`` for `work`, an
-        iterable of ``(batch number, BatchRows)``, in its order. The arrays are views of
-        shared memory, valid until the next batch is asked for."""
+        """Yield ``(batch number, arrays, samples skipped)`` for `work`, an iterable of
+        ``(batch number, BatchRows)``, in its order. The arrays are views of shared
+        memory, lent until the last view of them is dropped."""
         self._drain()
         self.generation += 1
         generation = self.generation
         for connection in self.connections:
             connection.send(("epoch", epoch))
         work = iter(work)
-        pending: list[tuple[int, int, int, BatchRows]] = []   # (batch, worker, slot, rows) in order
-        free = list(range(self.slots.count))
+        pending: deque[tuple[int, int, int, BatchRows]] = deque()   # (batch, worker, slot, rows) in order
         turn = 0
 
-        def hand_out() -> bool:
-            nonlocal turn
-            item = next(work, None)
-            if item is None:
-                return False
-            batch, rows = item
-            worker, slot = turn % self.num_workers, free.pop()
-            turn += 1
-            self.connections[worker].send(("batch", generation, batch, slot, rows.blocks.tolist(),
-                                           rows.bounds.tolist(), rows.local.tolist()))
-            self.outstanding.setdefault(worker, set()).add((generation, slot))
-            pending.append((batch, worker, slot, rows))
-            return True
+        def hand_out() -> None:
+            """Give every free slot a batch to build."""
+            nonlocal turn, work
+            while work is not None:
+                slot = self.free.take()
+                if slot is None:
+                    return
+                item = next(work, None)
+                if item is None:
+                    self.free.put(slot)
+                    work = None
+                    return
+                batch, rows = item
+                worker = turn % self.num_workers
+                turn += 1
+                self.connections[worker].send(("batch", generation, batch, slot, rows.blocks.tolist(),
+                                               rows.bounds.tolist(), rows.local.tolist()))
+                self.outstanding.setdefault(worker, set()).add((generation, slot))
+                pending.append((batch, worker, slot, rows))
 
-        while free and hand_out():
-            pass
+        hand_out()
         while pending:
-            batch, worker, slot, rows = pending.pop(0)
-            reply = self._receive(worker, batch, rows, describe_epoch)
-            _, _, _, _, size, skipped = reply
-            yield batch, self.slots.arrays(slot, self.offsets, self.spec.outputs, size), skipped
-            free.append(slot)
+            batch, worker, slot, rows = pending[0]
+            connection = self.connections[worker]
+            # Slots the consumer gives back while this batch is built go to idle workers.
+            while self.free.wakeup in wait([connection, self.free.wakeup]):
+                self.free.clear_wakeups()
+                hand_out()
+                if connection.poll():
+                    break
+            pending.popleft()
+            _, _, _, _, size, skipped = self._receive(worker, batch, rows, describe_epoch)
+            yield batch, self._deliver(slot, size), skipped
             hand_out()
+
+    def _deliver(self, slot: int, size: int) -> dict:
+        """The batch in `slot` as views lent to the consumer, or copied out (and the slot
+        freed at once) when lending it would leave the workers no slot."""
+        if self.free.lent < self.slots.count - 1:
+            return self.slots.lend(slot, self.offsets, self.spec.outputs, size, self.free)
+        batch = {name: np.array(array) for name, array in
+                 self.slots.arrays(slot, self.offsets, self.spec.outputs, size).items()}
+        self.free.put(slot)
+        return batch
 
     def _receive(self, worker: int, batch: int, rows: BatchRows, describe_epoch: str) -> tuple:
         connection = self.connections[worker]
@@ -141,8 +167,9 @@ class WorkerPool:
                 raise DataError(self._death(worker, batch, rows, describe_epoch)) from None
             kind, generation, _, slot = reply[:4]
             self.outstanding[worker].discard((generation, slot))
-            if generation != self.generation:
-                continue  # an answer to a stretch that was abandoned
+            if generation != self.generation:  # an answer to a stretch that was abandoned
+                self.free.put(slot)
+                continue
             if kind == "error":
                 _, _, _, _, type_name, message, user_error = reply
                 if user_error:
@@ -181,9 +208,10 @@ class WorkerPool:
                     raise DataError(f"{self.spec.index.location.display}: data worker {worker} (pid "
                                     f"{self.processes[worker].pid}) died between epochs") from None
                 owed.discard((reply[1], reply[3]))
+                self.free.put(reply[3])
 
 
-def _stop(processes: list, connections: list, slots: SharedSlots) -> None:
+def _stop(processes: list, connections: list, slots: SharedSlots, free: FreeSlots) -> None:
     for connection in connections:
         try:
             connection.send(("stop",))
@@ -199,4 +227,5 @@ def _stop(processes: list, connections: list, slots: SharedSlots) -> None:
     for connection in connections:
         connection.close()
     slots.close()
+    free.close()
 
