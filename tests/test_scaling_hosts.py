@@ -109,9 +109,10 @@ def test_a_host_that_dies_ends_the_job_on_the_others(hosts, digits, tmp_path):
     job.join(timeout=WATCHDOG_S + 120)
     assert not job.is_alive(), "the job outlived a dead host"
     assert time.monotonic() - killed_at < WATCHDOG_S + 60, "the job ended, but not within the watchdog's timeout"
-    # Ended, not finished: no summary. (Open MPI 5's launcher may exit 0 when a host's
-    # daemon is killed, so the exit status proves nothing either way.)
+    # Ended, not finished: no summary, and a failed status (Open MPI 5's mpiexec itself
+    # may exit 0 when a host's daemon is killed; distprop launch sees the ranks' markers).
     assert not (out / "summary.json").exists(), finished[0].stdout[-2000:]
+    assert finished[0].returncode != 0, finished[0].stderr[-3000:]
     for namespace in hosts.namespaces[:2]:
         left = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30)
         assert not left.stdout.split(), f"processes left on {namespace}: {left.stdout.split()}"
@@ -124,8 +125,11 @@ def shaped_hosts(tmp_path_factory):
 
 def test_model_fitted_across_two_hosts_at_1_gbit_predicts_three(shaped_hosts, tmp_path):
     """Fit on 2 hosts (alpha and beta of MPI over the shaped TCP link, the workload),
-    predict the 3-host step and measure it. Stated bound as for one host: within a
-    factor of 2 (a shared machine; the README gives the errors measured)."""
+    predict the 3-host step and measure it. The 3-host step is mostly MPI's allreduce
+    over the shaped links, which folds the third host in and out (modelled as
+    recursive halving and doubling; a ring's formula predicted 2.6x too short).
+    Stated bound: within a factor of 2 (measured -19% and +31% on this shared
+    machine; the README gives the errors)."""
     out = tmp_path / "validate"
     result = subprocess.run([sys.executable, "-m", "distprop", "scale", "--validate", "--hostfile",
                              str(shaped_hosts.hostfile), "--repeats", "1", "--out", str(out)],
@@ -135,5 +139,7 @@ def test_model_fitted_across_two_hosts_at_1_gbit_predicts_three(shaped_hosts, tm
     fit = json.loads((out / "fit-2-ranks-0.json").read_text())
     assert "shm" not in fit["transports"] and fit["machine"]["nodes_share_cores"]
     assert fit["transports"]["mpi"]["beta"] > 1 / 0.125e9 * 0.5  # at most about 1 Gb/s
-    three = validation["summary"]["3"]
+    assert fit["transports"]["mpi"]["beta"] < 1 / 0.125e9 * 4  # and not far below it
+    two, three = validation["summary"]["2"], validation["summary"]["3"]
+    assert three["predicted_step_s"] > two["predicted_step_s"] and three["measured_step_s"] > two["measured_step_s"]
     assert 0.5 <= three["predicted_step_s"] / three["measured_step_s"] <= 2.0, three

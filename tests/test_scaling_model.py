@@ -3,6 +3,7 @@ formulas, bucketing (against the reducer's own), the flow shop of reductions
 overlapping backward, CPU hosts, presets, and the alpha-beta fit."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -59,6 +60,20 @@ def test_hierarchy_reduces_inside_nodes_then_sends_every_shard_through_the_one_i
     assert allreduce.hier(n, g * nodes, fabric(g=g)) == pytest.approx(inside + across)
     measured = Link(alpha=30e-6, beta=5e-11)
     assert allreduce.hier(n, 3, fabric(g=4, node_reduction=measured)) == pytest.approx(30e-6 + n * 5e-11)
+
+
+def test_hierarchy_between_nodes_through_mpi_pays_the_fold_on_three_nodes():
+    """One rank per node (hosts joined by MPI): the nodes' allreduce is recursive
+    halving and doubling, which costs what a ring costs on 2 nodes and on 4, and
+    folds a rank in and out with the whole message on 3."""
+    n = 4e6
+    mpi = replace(fabric(g=1), between_nodes="rhd")
+    for p in (2, 4):
+        assert allreduce.hier(n, p, mpi) == pytest.approx(2 * math.log2(p) * 1e-5 + 2 * (p - 1) / p * n * 1e-9
+                                                          + (p - 1) / p * n * 1e-11)
+    three = 4 * 1e-5 + (4 / 3 + 2) * n * 1e-9 + (1 + 2 / 3) * n * 1e-11
+    assert allreduce.hier(n, 3, mpi) == pytest.approx(three)
+    assert allreduce.hier(n, 3, mpi) > 2 * allreduce.hier(n, 3, fabric(g=1))
 
 
 @pytest.mark.parametrize("name", sorted(allreduce.ALGORITHMS))
@@ -179,17 +194,34 @@ def test_reference_workloads_have_the_published_sizes():
 
 def test_alpha_beta_fit_recovers_exact_noisy_and_shaped_lines():
     sizes = [4096 * 4 ** i for i in range(7)]
-    alpha, beta = fit_alpha_beta([(n, 20e-6 + n / 5e9) for n in sizes])
+    alpha, beta, note = fit_alpha_beta([(n, 20e-6 + n / 5e9) for n in sizes])
     assert alpha == pytest.approx(20e-6, rel=1e-6) and beta == pytest.approx(1 / 5e9, rel=1e-6)
+    assert note is None
     rng = np.random.default_rng(0)
     noisy = [(n, (20e-6 + n / 5e9) * (1 + 0.05 * rng.standard_normal())) for n in sizes]
-    alpha, beta = fit_alpha_beta(noisy)
+    alpha, beta, _ = fit_alpha_beta(noisy)
     assert alpha == pytest.approx(20e-6, rel=0.2) and beta == pytest.approx(1 / 5e9, rel=0.2)
     # measured on a veth shaped to 1 Gb/s by tbf: small messages wait for the next tick
     shaped = [(4096, 0.0080), (16384, 0.0080), (65536, 0.0081), (262144, 0.0240), (1048576, 0.0242),
               (4194304, 0.0490), (16777216, 0.2074)]
-    alpha, beta = fit_alpha_beta(shaped)
-    assert 1 / beta == pytest.approx(80e6, rel=0.25) and 0 <= alpha < 0.02
+    alpha, beta, note = fit_alpha_beta(shaped)
+    assert 1 / beta == pytest.approx(80e6, rel=0.25) and 0 <= alpha < 0.02 and note is None
+
+
+def test_alpha_beta_fit_never_gives_a_link_without_bandwidth_cost():
+    sizes = [4096 * 4 ** i for i in range(7)]
+    # under load from elsewhere: the 256 KB bucket took longer than the 16 MB one
+    loaded = [(n, 50e-6 + n / 2e9) for n in sizes]
+    loaded[3] = (sizes[3], 0.05)
+    alpha, beta, note = fit_alpha_beta(loaded)
+    latency = 50e-6 + sizes[1] / 2e9  # the median of the three smallest
+    assert beta == pytest.approx((loaded[6][1] - latency) / sizes[6], rel=1e-9)
+    assert "not positive" in note and "beyond the small messages' latency" in note and alpha >= 0
+    # every time the same: the largest message's whole time is all there is to go on
+    flat = [(n, 1e-3) for n in sizes]
+    alpha, beta, note = fit_alpha_beta(flat)
+    assert beta == pytest.approx(1e-3 / sizes[6]) and "not positive" in note
+    assert "beyond" not in note
 
 
 def test_contention_scales_only_what_the_step_pays_for_communication():

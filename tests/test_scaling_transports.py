@@ -1,7 +1,9 @@
 """What the transports promise beyond correct means (tests/test_parallel_mpi.py holds
 those): reductions one at a time in submission order whichever thread runs them,
-and node barriers that hold every rank until all arrived and wait without
-spinning (pytest --with-mpi under mpiexec for the barrier tests)."""
+or all of a pass's at its end on the training thread; the shared-memory transport's
+means in both modes, its choice agreed by all ranks; and node barriers that hold
+every rank until all arrived and wait without spinning (pytest --with-mpi under
+mpiexec for the MPI tests)."""
 
 import threading
 import time
@@ -9,18 +11,22 @@ import time
 import numpy as np
 import pytest
 
-from distprop.parallel.transports.base import BackgroundTransport
+from distprop.parallel.transports.base import BlockingTransport
 
 
-class Recording(BackgroundTransport):
+class Recording(BlockingTransport):
     """Records the order of reductions and how many ran at once."""
 
     name = "recording"
 
-    def __init__(self):
-        self.order, self.running, self.most, self.idle = [], 0, 0, []
+    def __init__(self, background=True):
+        self.order, self.running, self.most, self.idle, self.merged = [], 0, 0, [], []
         self.lock = threading.Lock()
-        super().__init__()
+        super().__init__(background=background)
+
+    def reduce_all(self, buckets, idle):
+        self.merged.append([b.index for b in buckets])
+        super().reduce_all(buckets, idle)
 
     def reduce(self, bucket, idle):
         with self.lock:
@@ -59,19 +65,57 @@ def test_reductions_run_one_at_a_time_in_order_when_the_training_thread_helps():
         transport.close()
 
 
-def test_a_failed_reduction_is_reported_by_its_work_on_either_thread():
-    class Failing(BackgroundTransport):
-        name = "failing"
+def test_without_a_thread_nothing_runs_before_the_end_of_backward_and_then_all_at_once():
+    transport = Recording(background=False)
+    try:
+        assert not transport.background
+        for step in range(3):
+            works = [transport.start(FakeBucket(i)) for i in range(5)]
+            time.sleep(0.01)
+            assert transport.order == [] and not any(w._done.is_set() for w in works)
+            transport.finish()
+            for work in works:
+                work.wait()
+            assert transport.order == list(range(5)) and transport.merged == [list(range(5))]
+            assert transport.idle == [True] * 5 and transport.most == 1
+            assert len({w.started for w in works}) == 1  # one run, stamped once
+            transport.order.clear(), transport.merged.clear(), transport.idle.clear()
+        transport.finish()  # a pass with no buckets
+        assert transport.merged == []
+    finally:
+        transport.close()
 
-        def reduce(self, bucket, idle):
-            raise FloatingPointError(f"deliberate, bucket {bucket.index}")
 
-    transport = Failing()
+def test_with_a_thread_the_training_thread_never_merges():
+    """Which buckets the thread leaves to the end of backward depends on timing, so
+    they must not become one run whose length differs between ranks."""
+    transport = Recording(background=True)
+    try:
+        works = [transport.start(FakeBucket(i)) for i in range(6)]
+        transport.finish()
+        for work in works:
+            work.wait()
+        assert transport.merged == []
+    finally:
+        transport.close()
+
+
+class Failing(BlockingTransport):
+    name = "failing"
+
+    def reduce(self, bucket, idle):
+        raise FloatingPointError(f"deliberate, bucket {bucket.index}")
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_reduction_is_reported_by_its_work_on_either_thread(background):
+    transport = Failing(background=background)
     try:
         works = [transport.start(FakeBucket(i)) for i in range(3)]
         transport.finish()
         for i, work in enumerate(works):
-            with pytest.raises(RuntimeError, match=f"allreduce of bucket {i} failed: deliberate"):
+            expected = f"allreduce of bucket {i} failed: deliberate, bucket {0 if not background else i}"
+            with pytest.raises(RuntimeError, match=expected):
                 work.wait()
     finally:
         transport.close()
@@ -139,3 +183,69 @@ def test_node_barrier_waiters_sleep_instead_of_spinning(node):
         _agree(comm, wall > 0.4 and cpu < 0.1 * wall, f"waited {wall:.3f} s using {cpu:.3f} s of CPU")
     else:
         _agree(comm, True, "")
+
+
+class Bucket:
+    """The part of the reducer's bucket a transport uses, over a transport buffer."""
+
+    def __init__(self, index, buffer):
+        self.index, self.buffer = index, buffer
+
+    def describe(self):
+        return f"bucket {self.index}"
+
+
+# float32 buckets around a float64 one: two runs of one dtype in the merged reduction
+LAYOUTS = [(1000, np.float32), (70_001, np.float32), (33, np.float64), (5, np.float32), (200_000, np.float32)]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_shm_transport_averages_every_bucket_alike_with_and_without_its_thread(node, overlap):
+    from distprop.parallel.transports.shm import ShmTransport
+
+    comm, _ = node
+    transport = ShmTransport(comm, LAYOUTS, overlap=overlap)
+    try:
+        _agree(comm, transport.background == overlap, f"background {transport.background}, asked {overlap}")
+        for step in range(3):
+            values = [np.random.default_rng((step, comm.rank, i)).standard_normal(count).astype(dtype)
+                      for i, (count, dtype) in enumerate(LAYOUTS)]
+            buckets = [Bucket(i, transport.buffer(i)) for i in range(len(LAYOUTS))]
+            works = []
+            for bucket, value in zip(buckets, values):
+                bucket.buffer[...] = value
+                works.append(transport.start(bucket))
+            transport.finish()
+            for work in works:
+                work.wait()
+            for i, (bucket, value) in enumerate(zip(buckets, values)):
+                total = comm.allreduce(value.astype(np.float64), "sum")
+                mean = total / comm.size
+                tolerance = 1e-5 if value.dtype == np.float32 else 1e-12
+                _agree(comm, np.allclose(bucket.buffer, mean, rtol=tolerance, atol=tolerance),
+                       f"step {step} bucket {i}: off by {np.abs(bucket.buffer - mean).max()}")
+                rank0 = comm.mpi_comm.bcast(bucket.buffer.copy(), root=0)
+                _agree(comm, np.array_equal(bucket.buffer, rank0), f"step {step} bucket {i} differs from rank 0's")
+    finally:
+        transport.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shm_transport_runs_without_its_thread_unless_every_rank_asks_for_it(node):
+    from distprop.parallel.transports.shm import ShmTransport
+
+    comm, _ = node
+    transport = ShmTransport(comm, LAYOUTS[:1], overlap=comm.rank != 1)  # rank 1 alone says no
+    try:
+        _agree(comm, not transport.background, "rank 1 asked for no thread, yet this rank has one")
+    finally:
+        transport.close()
+
+
+def test_merged_runs_join_consecutive_buckets_of_one_dtype():
+    from distprop.parallel.transports.shm import _runs
+
+    assert _runs([0, 1, 2, 3, 4], LAYOUTS) == [(0, 1), (2, 2), (3, 4)]
+    assert _runs([1, 3, 4], LAYOUTS) == [(1, 1), (3, 4)]
+    assert _runs([], LAYOUTS) == []

@@ -7,7 +7,7 @@ machine allows that many ranks, since they share its cores and memory bandwidth)
 see scaling_worker. Reported per rank count:
 - "vs baseline": throughput / the baseline of the same job: what communication costs;
 - "efficiency": throughput / (ranks * the 1-rank throughput): against linear.
-PyTorch's DistributedDataParallel (gloo backend, started by torchrun) runs the same
+PyTorch's DistributedDataParallel (gloo backend) runs the same
 model and measurement as the reference; jobs alternate between the two frameworks
 and are repeated, and the medians are reported with their ranges.
 """
@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 from distprop.bench.timing import BLAS_SLOWDOWN_VARS, environment_note
 from distprop.errors import UserError
-from distprop.launcher import job_environment, mpiexec_command
+from distprop.launcher import is_open_mpi, job_environment, mpiexec_command
 
 WORKER = "distprop.bench.scaling_worker"
 
@@ -45,29 +48,77 @@ def _environment() -> dict:
     return env
 
 
-def _command(framework: str, ranks: int, args) -> list[str]:
-    worker = ["-m", WORKER, framework, "--batch", str(args.batch), "--steps", str(args.steps),
+def _worker(framework: str, args) -> list[str]:
+    worker = [sys.executable, "-m", WORKER, framework, "--batch", str(args.batch), "--steps", str(args.steps),
               "--rounds", str(args.rounds)]
-    if framework == "distprop":
-        if args.transport:
-            worker += ["--transport", args.transport]
-        return mpiexec_command(ranks, [sys.executable, *worker])
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *worker]
+    if framework == "distprop" and args.transport:
+        worker += ["--transport", args.transport]
+    return worker
+
+
+def _start_distprop(ranks: int, args, env: dict, stdout, stderr) -> list[subprocess.Popen]:
+    """mpiexec without binding, as `distprop launch` runs jobs (Open MPI would bind each
+    of 2 ranks to a core; PyTorch's ranks are not bound either)."""
+    command = mpiexec_command(ranks, _worker("distprop", args))
+    if is_open_mpi(command[0]):
+        command[1:1] = ["--bind-to", "none"]
+    return [subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)]
+
+
+def _start_torch(ranks: int, args, env: dict, stdout, stderr) -> list[subprocess.Popen]:
+    """PyTorch's ranks, started here with its env:// rendezvous variables rather than
+    by torchrun: torchrun starts each rank in a session of its own, and where the
+    kernel groups processes by session for scheduling (CONFIG_SCHED_AUTOGROUP, on
+    by default in most distributions) each session gets an equal share of the CPU.
+    On a machine with other load, torchrun's 2 ranks then got two shares where
+    mpiexec's (in the caller's session) got one: 1.6x distprop's compute
+    throughput with no communication, for the same arithmetic. Started here, both
+    frameworks' ranks share this process's session."""
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ranks),
+                  "LOCAL_WORLD_SIZE": str(ranks)}
+    return [subprocess.Popen(_worker("torch", args), stdout=stdout if rank == 0 else subprocess.DEVNULL,
+                             stderr=stderr, env={**env, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+            for rank in range(ranks)]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _job(framework: str, ranks: int, args) -> dict:
     """{'throughput': samples/s with communication, 'baseline': samples/s without}."""
-    result = subprocess.run(_command(framework, ranks, args), capture_output=True, text=True,
-                            timeout=args.timeout, env=_environment())
+    start = _start_distprop if framework == "distprop" else _start_torch
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        processes = start(ranks, args, _environment(), stdout, stderr)
+        codes = _wait_all(processes, args.timeout)
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
     figures = {}
-    for line in result.stdout.splitlines():
+    for line in out.splitlines():
         name, _, value = line.partition(" ")
         if name in ("throughput", "baseline"):
             figures[name] = float(value)
-    if result.returncode != 0 or len(figures) != 2:
-        raise RuntimeError(f"{framework} with {ranks} ranks failed (exit {result.returncode}):\n"
-                           f"{result.stderr[-2000:]}")
+    if any(codes) or len(figures) != 2:
+        raise RuntimeError(f"{framework} with {ranks} ranks failed (exit statuses {codes}):\n{err[-2000:]}")
     return figures
+
+
+def _wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit statuses; past the deadline every process still running is killed and the
+    job is reported as timed out."""
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+            process.wait()
+        raise RuntimeError(f"a benchmark job did not finish within --timeout {timeout:g} s") from None
+    return [process.returncode for process in processes]
 
 
 def _rank_counts(text: str) -> list[int]:

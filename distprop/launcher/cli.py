@@ -12,6 +12,7 @@ from pathlib import Path
 from distprop.errors import UserError
 from distprop.launcher import process
 from distprop.launcher.plan import Request, plan
+from distprop.parallel import exit_markers
 
 EXAMPLES = """examples:
   distprop launch -n 2 -- python train.py
@@ -84,4 +85,12 @@ def run(args) -> int:
                       end="")
             return 0
         print(f"distprop launch: {launch.line}", file=sys.stderr, flush=True)
-        return process.run(launch.argv, {**os.environ, **launch.assignments})
+        markers = os.path.join(workdir, "exit-markers")
+        os.mkdir(markers)
+        code = process.run(launch.argv, {**os.environ, **launch.assignments, exit_markers.VARIABLE: markers})
+        killed = exit_markers.unfinished(markers)
+        if code == 0 and killed:  # e.g. Open MPI 5 after a host's processes were killed
+            print(f"distprop launch: rank(s) {', '.join(map(str, killed))} started but never returned from "
+                  f"the program (killed?), although {launch.argv[0]} exited with status 0", file=sys.stderr)
+            return 1
+        return code

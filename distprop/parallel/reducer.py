@@ -215,6 +215,10 @@ class Reducer:
         failed alike started the same ones) before their buffers are reused, and
         forget the pass. The gradients are then partly averaged: skip this step."""
         try:
+            # Reductions a transport keeps for the end of backward (shm without a
+            # background thread) run now, or their works would never finish; errors
+            # land in the works.
+            self.transport.finish()
             for work in self._works:
                 try:
                     work.wait()

@@ -14,6 +14,7 @@ import threading
 import traceback
 
 from distprop import backend
+from distprop.parallel import exit_markers
 from distprop.parallel.communicator import Communicator, MPICommunicator, SingleProcessCommunicator
 
 # Launchers set one of these; if one is present, a failed mpi4py import is an error,
@@ -45,6 +46,8 @@ def init(*, device: str | None = None, threads: int | None = None, abort_on_erro
     if _job is not None:
         return _job
     comm = _start_mpi(mpi_comm)
+    if isinstance(comm, MPICommunicator):
+        exit_markers.register(comm.rank)
     if comm.size > 1 and abort_on_error:
         _install_abort_hooks(comm)
     device = backend.normalize_device(device)

@@ -22,7 +22,11 @@ Formulas (n bytes; the sources are in the reference notes on scaling models):
   (ring formula over g ranks on the intra link; for distprop's shared-memory
   transport, measured directly), and between the nodes an allreduce of each rank's
   n/g shard -- all g shards through the node's one interface, so the inter term
-  carries the whole n: 2(N-1) alpha_inter + 2(N-1)/N n beta_inter.
+  carries the whole n: 2(N-1) alpha_inter + 2(N-1)/N n beta_inter (a ring between
+  the nodes, as NCCL runs it). Where the nodes' part is an MPI library's allreduce
+  (distprop's transports between hosts), the fabric says `between_nodes="rhd"`:
+  recursive halving and doubling, the large-message algorithm of MPI libraries,
+  which pays the fold on node counts that are not powers of two.
 
 Any algorithm on one node (N = 1) uses the intra link only.
 """
@@ -55,6 +59,9 @@ class Fabric:
     # A measured node-local reduction: seconds per bucket = a + b * bytes, the
     # whole of the node's reduce-scatter and allgather (distprop's shared memory).
     node_reduction: Link | None = None
+    # The allreduce among the nodes in `hier`: "ring" (NCCL) or "rhd" (an MPI
+    # library's large-message allreduce).
+    between_nodes: str = "ring"
     # Where the fabric's figures come from.
     source: str = ""
     notes: tuple = field(default=())
@@ -115,10 +122,10 @@ def hier(n: float, p: int, fabric: Fabric) -> float:
         return 0.0
     g, count = nodes(p, fabric)
     across = 0.0
-    if count > 1:
-        link = fabric.inter
-        across = 2 * (count - 1) * link.alpha + 2 * (count - 1) / count * n * link.beta \
-            + (count - 1) / count * n / g * link.gamma
+    if count > 1:  # the nodes' interfaces carry the whole n; each rank reduces only its n/g shard
+        link = replace(fabric.inter, gamma=fabric.inter.gamma / g)
+        between = replace(fabric, intra=link, inter=link, ranks_per_node=1)
+        across = ALGORITHMS[fabric.between_nodes](n, count, between)
     return node_local(n, g, fabric) + across
 
 

@@ -30,12 +30,19 @@ SIZES = tuple(4096 * 4 ** i for i in range(7))  # 4 KB .. 16 MB
 CAP_BYTES, FIRST_CAP_BYTES, INPLACE_BYTES = 25 * 2 ** 20, 2 ** 20, 2 ** 20  # DataParallel's CPU defaults
 
 
-def fit_alpha_beta(points) -> tuple[float, float]:
-    """alpha, beta of t = alpha + n * beta from measured (n, seconds): beta is the
-    least-squares slope over the larger half of the sizes (where bandwidth rules),
-    alpha the median of t - n * beta over the smaller half (where latency rules).
-    A fit of all points at once lets a few flat small-message times (a shaped link
-    releases packets in ticks) pull the slope down to nothing."""
+def fit_alpha_beta(points) -> tuple[float, float, str | None]:
+    """alpha, beta of t = alpha + n * beta from measured (n, seconds), and why beta
+    was not the fitted slope (None when it was). beta is the least-squares slope
+    over the larger half of the sizes (where bandwidth rules), alpha the median of
+    t - n * beta over the smaller half (where latency rules). A fit of all points at
+    once lets a few flat small-message times (a shaped link releases packets in
+    ticks) pull the slope down to nothing.
+
+    A slope of zero or less (load from elsewhere slowing the smaller messages more
+    than the larger ones) measures nothing; a bandwidth-free link would predict
+    communication that costs nothing at any size. beta then comes from the largest
+    message's time beyond the small messages' latency, or, where that is not
+    positive either, from its whole time -- never zero."""
     ordered = sorted(points)
     half = len(ordered) // 2
     large = np.array(ordered[half:], float)
@@ -43,9 +50,15 @@ def fit_alpha_beta(points) -> tuple[float, float]:
         beta = float(np.polyfit(large[:, 0], large[:, 1], 1)[0])
     else:
         beta = ordered[-1][1] / ordered[-1][0]
-    beta = max(beta, 0.0)
+    note = None
+    if not beta > 0:
+        slope, (n, t) = beta, ordered[-1]
+        latency = float(np.median([t for _, t in ordered[:max(half, 1)]]))
+        beta = (t - latency) / n if t > latency else t / n
+        note = (f"the fitted slope over the larger sizes was {slope:.3g} s/B (not positive): beta from the "
+                f"{n}-byte message's time" + (" beyond the small messages' latency" if t > latency else ""))
     alpha = float(np.median([t - n * beta for n, t in ordered[:max(half, 1)]]))
-    return max(alpha, 0.0), beta
+    return max(alpha, 0.0), beta, note
 
 
 def _slowest(comm, seconds: float) -> float:
@@ -88,8 +101,10 @@ def measure_transports(comm, kinds, repeats: int) -> dict:
     for kind in kinds:
         name = "mpi" if kind == "thread" else kind
         points = [(n, time_transport(comm, kind, n, repeats)) for n in SIZES]
-        alpha, beta = fit_alpha_beta(points)
+        alpha, beta, note = fit_alpha_beta(points)
         fits[name] = {"transport": kind, "alpha": alpha, "beta": beta, "points": points}
+        if note is not None:
+            fits[name]["beta_note"] = note
     return fits
 
 

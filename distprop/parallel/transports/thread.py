@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from distprop.parallel.transports.base import BackgroundTransport, allreduce_mean
+from distprop.parallel.transports.base import BlockingTransport, allreduce_mean
 
 
-class ThreadTransport(BackgroundTransport):
+class ThreadTransport(BlockingTransport):
     """Blocking MPI allreduces on the background thread, on a communicator of its
     own. Preferred over MPI_Iallreduce: on shared memory, Open MPI's blocking
     allreduce measured several times faster than its nonblocking one, which also
