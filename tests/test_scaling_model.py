@@ -216,11 +216,12 @@ def test_alpha_beta_fit_never_gives_a_link_without_bandwidth_cost():
     alpha, beta, note = fit_alpha_beta(loaded)
     latency = 50e-6 + sizes[1] / 2e9  # the median of the three smallest
     assert beta == pytest.approx((loaded[6][1] - latency) / sizes[6], rel=1e-9)
-    assert "not positive" in note and "beyond the small messages' latency" in note and alpha >= 0
+    assert "not positive" in note and "beyond the small messages' latency" in note
+    assert alpha == pytest.approx(50e-6, rel=0.01)  # the small messages with the bandwidth term taken off
     # every time the same: the largest message's whole time is all there is to go on
     flat = [(n, 1e-3) for n in sizes]
     alpha, beta, note = fit_alpha_beta(flat)
-    assert beta == pytest.approx(1e-3 / sizes[6]) and "not positive" in note
+    assert beta == pytest.approx(1e-3 / sizes[6]) and alpha == 0 and "not positive" in note
     assert "beyond" not in note
 
 

@@ -42,7 +42,7 @@ def fit_alpha_beta(points) -> tuple[float, float, str | None]:
     than the larger ones) measures nothing; a bandwidth-free link would predict
     communication that costs nothing at any size. beta then comes from the largest
     message's time beyond the small messages' latency, or, where that is not
-    positive either, from its whole time -- never zero."""
+    positive either, from its whole time (alpha then 0) -- never zero."""
     ordered = sorted(points)
     half = len(ordered) // 2
     large = np.array(ordered[half:], float)
@@ -58,6 +58,8 @@ def fit_alpha_beta(points) -> tuple[float, float, str | None]:
         note = (f"the fitted slope over the larger sizes was {slope:.3g} s/B (not positive): beta from the "
                 f"{n}-byte message's time" + (" beyond the small messages' latency" if t > latency else ""))
     alpha = float(np.median([t - n * beta for n, t in ordered[:max(half, 1)]]))
+    if note is not None:  # the line may not pass above the message beta came from
+        alpha = min(alpha, ordered[-1][1] - ordered[-1][0] * beta)
     return max(alpha, 0.0), beta, note
 
 

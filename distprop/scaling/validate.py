@@ -61,6 +61,8 @@ def describe_calibration(calibration: dict) -> str:
     for name, fit in calibration["transports"].items():
         lines.append(f"  {name:4} ({fit['transport']}): alpha {fit['alpha'] * 1e6:.1f} us, "
                      f"1/beta {1 / fit['beta'] / 1e9 if fit['beta'] else float('inf'):.2f} GB/s per bucket")
+        if "beta_note" in fit:
+            lines.append(f"    {fit['beta_note']}")
     w = calibration["workload"]
     lines.append(f"  {w['description']}: forward {w['forward_s'] * 1e3:.2f} ms, backward "
                  f"{w['backward_s'] * 1e3:.2f} ms, optimizer {w['optimizer_s'] * 1e3:.2f} ms, step with no "
