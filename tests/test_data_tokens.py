@@ -68,6 +68,41 @@ def test_windows_spanning_several_row_groups(tmp_path):
     assert batch["document_ids"].tolist() == [[0, 0, 1, 2, 2, 2]]
 
 
+def test_blocks_a_window_runs_on_into():
+    """Hand-computed: blocks of 5, 1, 3 and 6 tokens (starts 0, 5, 6, 9, end 15), windows
+    of 4 (+1): window s reads tokens 4s .. 4s + 4."""
+    from distprop.data.tokens import PackedLayout
+
+    layout = PackedLayout.__new__(PackedLayout)
+    layout.options = type("Options", (), {"sequence_length": 4})()
+    layout.token_starts = np.array([0, 5, 6, 9, 15])
+    # window 0: tokens 0-4, block 0 alone; window 1: 4-8, blocks 0-2; window 2: 8-12, blocks 2-3.
+    assert layout.blocks_run_into(np.array([0]), np.array([0])).tolist() == []
+    assert layout.blocks_run_into(np.array([1, 0]), np.array([0, 0])).tolist() == [1, 2]
+    assert layout.blocks_run_into(np.array([2, 1]), np.array([2, 0])).tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_each_block_is_read_once_per_epoch_when_windows_span_blocks(tmp_path, monkeypatch, shuffle):
+    """Windows longer than row groups: the blocks they run on into are read with the
+    batch's own (ahead, on the reader threads), not again on the side."""
+    from distprop.data.reader import BlockReader
+
+    docs = documents(90, seed=4)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=4)
+    reads = []
+    read = BlockReader.read
+    monkeypatch.setattr(BlockReader, "read", lambda self, block: reads.append(block) or read(self, block))
+    loader = ArrowLoader(tmp_path, 3, sequence_length=40, eos_token=0, shuffle=shuffle, shuffle_window=100,
+                         seed=1, drop_last=False)
+    got = sorted(tuple(row) for batch in loader for row in batch["input_ids"].tolist())
+    assert got == sorted(tuple(w[0]) for w in reference_windows(docs, 40, eos=0))
+    # Every block holding a token of some window: those starting before the last window's end.
+    layout = loader._spec.packed
+    used = int(np.searchsorted(layout.token_starts, layout.num_samples * 40 + 1, side="left"))
+    assert sorted(reads) == list(range(used))
+
+
 def test_padded_documents_with_mask(tmp_path):
     docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     write_documents(tmp_path / "t.parquet", docs)

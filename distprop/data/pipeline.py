@@ -9,7 +9,6 @@ worker processes `distprop.data.workers` takes the building part.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,7 +21,8 @@ from distprop.data.sampler import EpochOrder, RankPlan
 class Schedule:
     """Which blocks each remaining batch needs, and when each block is read and freed.
 
-    A block is read once for each *run* of batches that use it: uses closer than
+    A batch uses the blocks its samples come from and, packed, the blocks its windows
+    run on into. A block is read once for each *run* of batches that use it: uses closer than
     `horizon` batches (the batches one shuffle window spans) share one read, so a
     block stays decoded while its window is being consumed; a later use (wrap-around
     padding, a re-sharded stretch) reads it again rather than pinning it in memory.
@@ -30,7 +30,7 @@ class Schedule:
 
     def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int):
         self.start = start
-        self.batches: list[tuple[np.ndarray, BatchRows]] = []  # (schedule entries, rows) per batch
+        self.batches: list[tuple[np.ndarray, BatchRows]] = []  # (schedule entries used, rows) per batch
         self.entry_block: list[int] = []   # block read by each entry
         self.entry_first: list[int] = []   # first batch needing it
         self.release_after: dict[int, list[int]] = {}  # batch -> entries no longer needed after it
@@ -45,8 +45,11 @@ class Schedule:
             grouping = np.argsort(block, kind="stable")
             block, local = block[grouping], local[grouping]
             blocks, starts = np.unique(block, return_index=True)
+            needed = blocks
+            if spec.packed is not None:  # and the blocks its windows run on into
+                needed = np.union1d(blocks, spec.packed.blocks_run_into(rows, block))
             entries = []
-            for b in blocks.tolist():
+            for b in needed.tolist():
                 entry = current.get(b)
                 if entry is None or batch - entry_last[entry] > horizon:
                     entry = len(self.entry_block)
@@ -67,8 +70,6 @@ class BatchProducer:
     in this process; runs in the background thread, schedule included, so
     ``iter(loader)`` returns at once. `finish` (host batch -> delivered batch: the user's
     transform, the copy to the GPU) runs on each batch."""
-
-    _SPILL_BLOCKS = 2  # blocks kept for packed windows that run on into a block not scheduled with them
 
     def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int,
                  epoch: int, finish, num_threads: int, allocate=None):
@@ -98,7 +99,6 @@ class BatchProducer:
 
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="distprop-read")
         decoded = {}
-        spilled: OrderedDict[int, dict] = OrderedDict()
         first = np.array(schedule.entry_first, dtype=np.int64)
         submitted = 0
         try:
@@ -109,20 +109,10 @@ class BatchProducer:
                 while submitted < len(first) and (submitted < due or len(decoded) < self.max_live_blocks):
                     decoded[submitted] = pool.submit(lambda b: reader().read(b), schedule.entry_block[submitted])
                     submitted += 1
-                sources = {block: decoded[e].result() for block, e in zip(rows.blocks.tolist(), entries.tolist())}
-
-                def block_of(block: int) -> dict:
-                    if block in sources:
-                        return sources[block]
-                    if block not in spilled:
-                        spilled[block] = reader().read(block)
-                        if len(spilled) > self._SPILL_BLOCKS:
-                            spilled.popitem(last=False)
-                    return spilled[block]
-
+                sources = {schedule.entry_block[e]: decoded[e].result() for e in entries.tolist()}
                 out = {name: self.allocate(name, (len(rows),) + shape, dtype)
                        for name, (dtype, shape) in spec.outputs.items()}
-                result = builder.build(rows, block_of, out)
+                result = builder.build(rows, sources.__getitem__, out)
                 sources.clear()  # so released blocks are freed now, not after the next batch's reads
                 for entry in schedule.release_after.get(batch, ()):
                     del decoded[entry]

@@ -131,6 +131,17 @@ class PackedLayout:
             raise DataError(f"{index.location.display}: column {options.column!r} holds {total} tokens, "
                             f"fewer than one window of sequence_length + 1 = {length + 1}")
 
+    def blocks_run_into(self, samples: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """The blocks, other than their own, that windows `samples` (starting in `blocks`)
+        take tokens from."""
+        length = self.options.sequence_length
+        last = np.searchsorted(self.token_starts, samples * length + length, side="right") - 1
+        spans = np.flatnonzero(last > blocks)
+        if not len(spans):
+            return np.zeros(0, np.int64)
+        return np.unique(np.concatenate([np.arange(first + 1, end + 1) for first, end in
+                                         zip(blocks[spans].tolist(), last[spans].tolist())]))
+
 
 @dataclass
 class TokenBlock:
