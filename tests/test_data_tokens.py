@@ -103,6 +103,25 @@ def test_each_block_is_read_once_per_epoch_when_windows_span_blocks(tmp_path, mo
     assert sorted(reads) == list(range(used))
 
 
+def test_each_batch_schedules_exactly_the_blocks_its_windows_read(tmp_path):
+    from distprop.data.pipeline import Schedule
+    from distprop.data.sampler import EpochOrder
+
+    write_documents(tmp_path / "t.parquet", documents(90, seed=6), row_group_size=3)
+    loader = ArrowLoader(tmp_path, 7, sequence_length=30, eos_token=0, seed=2, shuffle_window=3, drop_last=False)
+    spec, plan = loader._spec, loader._plan()
+    order = EpochOrder(spec.samples_per_block, 2, 0, True, 3)
+    schedule = Schedule(spec, order, plan, 0, 3)
+    starts = spec.packed.token_starts.tolist()
+    for batch, (entries, rows) in enumerate(schedule.batches):
+        windows = np.concatenate([order.rows(lo, hi) for lo, hi in plan.batch_positions(batch)]).tolist()
+        expected = set()
+        for window in windows:  # the blocks holding tokens 30 * window .. 30 * window + 30
+            expected |= {b for b in range(len(starts) - 1)
+                         if starts[b] <= 30 * window + 30 and starts[b + 1] > 30 * window}
+        assert {schedule.entry_block[e] for e in entries.tolist()} == expected, batch
+
+
 def test_padded_documents_with_mask(tmp_path):
     docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     write_documents(tmp_path / "t.parquet", docs)

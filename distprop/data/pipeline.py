@@ -41,13 +41,15 @@ class Schedule:
         for batch in range(start, plan.num_batches):
             rows = np.concatenate([order.rows(lo, hi) for lo, hi in plan.batch_positions(batch)])
             block = np.searchsorted(block_first, rows, side="right") - 1
-            local = rows - block_first[block]
             grouping = np.argsort(block, kind="stable")
-            block, local = block[grouping], local[grouping]
-            blocks, starts = np.unique(block, return_index=True)
-            needed = blocks
+            rows, block = rows[grouping], block[grouping]
+            local = rows - block_first[block]
+            starts = np.concatenate([[0], np.flatnonzero(block[1:] != block[:-1]) + 1])
+            blocks = needed = block[starts]
             if spec.packed is not None:  # and the blocks its windows run on into
-                needed = np.union1d(blocks, spec.packed.blocks_run_into(rows, block))
+                beyond = spec.packed.blocks_run_into(rows, block)
+                if len(beyond):
+                    needed = np.union1d(blocks, beyond)
             entries = []
             for b in needed.tolist():
                 entry = current.get(b)
