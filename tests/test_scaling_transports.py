@@ -249,3 +249,28 @@ def test_merged_runs_join_consecutive_buckets_of_one_dtype():
     assert _runs([0, 1, 2, 3, 4], LAYOUTS) == [(0, 1), (2, 2), (3, 4)]
     assert _runs([1, 3, 4], LAYOUTS) == [(1, 1), (3, 4)]
     assert _runs([], LAYOUTS) == []
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_shm_transport_mode_can_be_chosen_by_environment(node, monkeypatch, value):
+    from distprop.parallel.transports.shm import ShmTransport
+
+    comm, _ = node
+    monkeypatch.setenv("DISTPROP_SHM_OVERLAP", value)
+    transport = ShmTransport(comm, LAYOUTS[:1])
+    try:
+        _agree(comm, transport.background == (value == "1"), f"background {transport.background} for {value}")
+    finally:
+        transport.close()
+
+
+def test_shm_transport_mode_from_environment_is_checked(monkeypatch):
+    from distprop.parallel.transports.shm import _overlap_from_environment
+
+    for text, expected in (("", None), ("1", True), (" 0 ", False)):
+        monkeypatch.setenv("DISTPROP_SHM_OVERLAP", text)
+        assert _overlap_from_environment() is expected
+    monkeypatch.setenv("DISTPROP_SHM_OVERLAP", "yes")
+    with pytest.raises(ValueError, match=r"\$DISTPROP_SHM_OVERLAP must be 1 .* or 0 .*, got 'yes'"):
+        _overlap_from_environment()

@@ -195,8 +195,10 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from_without_a_traceback(tmp_path
 
 @pytest.mark.slow
 @needs_mpiexec
-def test_the_timeline_is_a_trace_whose_bucket_reductions_overlap_backward(tmp_path, digits):
+def test_the_timeline_is_a_trace_whose_bucket_reductions_overlap_backward(tmp_path, digits, monkeypatch):
     trace_file = tmp_path / "traces" / "trace.json"  # a directory made for it
+    # 2 ranks on 2 cores would reduce every bucket when backward ends: ask for the thread
+    monkeypatch.setenv("DISTPROP_SHM_OVERLAP", "1")
     train(tmp_path / "run", "--hidden-sizes", 1024, 1024, "--bucket-mb", 0.5, "--steps", 16, "--timeline", trace_file,
           "--timeline-start", 5, "--timeline-steps", 8, "--data", digits, ranks=2)
     trace = json.loads(trace_file.read_text())

@@ -5,7 +5,9 @@ the same byte count.
 Two measures of what synchronisation costs a step, per configuration:
 - "thread ms": the time the training thread spends on it (the gradient hooks,
   and waiting for the reductions when backward ends), as the reducer counts it;
-  the reductions themselves run on a background thread while backward continues;
+  the reductions themselves run on a background thread while backward continues,
+  except shared memory's where the ranks fill the cores (then all of them are the
+  training thread's, once backward ends);
 - "step diff ms": forward and backward through DataParallel minus the same of the
   bare model run right before it on the same rank (the median of many such pairs).
   It also contains what the background thread takes from the training thread's

@@ -54,7 +54,8 @@ class DataParallel(Module):
         fewer, larger NCCL calls win).
     compression: None, 'fp16' or 'bf16' on the wire (each rank divides before casting).
     transport: how host gradients are reduced, each bucket while backward continues:
-        'shm' (through a node's shared memory, and MPI between nodes), 'thread'
+        'shm' (through a node's shared memory, and MPI between nodes; where the
+        node's ranks fill its cores, all buckets at once when backward ends), 'thread'
         (blocking MPI allreduces on a background thread) or 'iallreduce' (MPI
         nonblocking collectives progressed from the gradient hooks); None picks 'shm'
         where ranks share nodes and /dev/shm has room, else 'thread'. GPU arrays

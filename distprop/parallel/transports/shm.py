@@ -41,6 +41,9 @@ from distprop.parallel.transports.base import BlockingTransport
 # Elements per block of the sum/scale/copy passes: 256 KiB of float32, which stays
 # in L2 between the passes (measured on a 7.45 MB MLP gradient: 0.63 -> 0.40 ms).
 BLOCK_ELEMENTS = 1 << 16
+# Overrides the choice of mode (1: background thread, 0: at the end of backward),
+# e.g. to compare the two, or to see reductions overlap backward in a timeline.
+OVERLAP_VARIABLE = "DISTPROP_SHM_OVERLAP"
 
 
 class ShmTransport(BlockingTransport):
@@ -52,10 +55,13 @@ class ShmTransport(BlockingTransport):
     def __init__(self, comm, layouts, overlap: bool | None = None):
         """layouts: (number of elements, dtype) of each bucket, in bucket order.
         overlap: reduce each bucket on a background thread during backward (True) or
-        all of them on the training thread when backward ends (False); None decides
-        from the node's cores (`spare_cores`)."""
+        all of them on the training thread when backward ends (False); None takes
+        $DISTPROP_SHM_OVERLAP (1 or 0) where set, else decides from the node's
+        cores (`spare_cores`)."""
         from mpi4py import MPI
 
+        if overlap is None:
+            overlap = _overlap_from_environment()  # checked before anything is allocated
         self.MPI = MPI
         self.comm = comm
         world = comm.mpi_comm
@@ -157,6 +163,14 @@ def spare_cores(comm) -> float:
     if allowed < node:
         return allowed - threads
     return (node - comm.local_size * threads) / comm.local_size
+
+
+def _overlap_from_environment() -> bool | None:
+    text = os.environ.get(OVERLAP_VARIABLE, "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"${OVERLAP_VARIABLE} must be 1 (a background thread) or 0 (at the end of "
+                         f"backward), got {text!r}")
+    return None if not text else text == "1"
 
 
 def _runs(indices: list[int], layouts) -> list[tuple[int, int]]:
