@@ -14,12 +14,19 @@
 # as part of it (tests/mutation_mpi.py). tests/mutation_report.py then prints the
 # score of every file and each surviving mutant that tests/mutation_equivalents.txt
 # does not list as equivalent (RUN/report.txt), and at the end one table for all
-# runs (summary.txt). Needs mutmut 3.8 and pytest-timeout
+# runs (summary.txt). MUTATION_SAMPLE=10 (or 5, 2) tries only the mutants numbered
+# 10, 20, 30 ... (5, 10 ...; 2, 4 ...) in each function: a systematic sample for
+# groups whose full run does not fit one sitting (parallel: every mutant that
+# survives the single-process tests runs the MPI tests). Needs mutmut 3.8 and pytest-timeout
 # (pip install -e ".[test,mutation]").
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 workroot="${MUTATION_DIR:-/tmp/distprop-mutation}"
 jobs="${MUTATION_JOBS:-2}"
+case "${MUTATION_SAMPLE:-1}" in  # the last digits of the mutant numbers tried
+  1) sample="" ;; 2) sample="[02468]" ;; 5) sample="[05]" ;; 10) sample="0" ;;
+  *) echo "mutation.sh: MUTATION_SAMPLE is 1, 2, 5 or 10, not '$MUTATION_SAMPLE'" >&2; exit 2 ;;
+esac
 
 if [ "$(id -u)" = 0 ]; then  # Open MPI refuses to start as root without these
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -97,7 +104,12 @@ run_group() {
     printf '    %s\n' -p no:cacheprovider -p no:random_order --hypothesis-profile=mutation --timeout=60
   } > setup.cfg
   shopt -u nullglob
-  echo "== mutation: $group ($(date -u +%FT%TZ), $jobs at a time, in $dir)"
+  if [ -n "$sample" ]; then  # mutant names end in __mutmut_NUMBER
+    if [ ${#names[@]} -eq 0 ]; then names=("*"); fi
+    names=("${names[@]/%/$sample}")
+    echo "1 in ${MUTATION_SAMPLE} mutants" > sample
+  fi
+  echo "== mutation: $group ($(date -u +%FT%TZ), $jobs at a time${sample:+, mutants numbered *$sample}, in $dir)"
   local start=$SECONDS
   # The package under test is the mutated copy, also for subprocesses and MPI ranks.
   # (The folder must exist before Python starts, or it is never searched.)

@@ -226,6 +226,8 @@ def report_summary(directories: list[Path], equivalents: list[Equivalent]) -> No
         scores, _ = score_run(directory, equivalents)
         minutes = directory / "minutes"
         took = f", {minutes.read_text().strip()} min" if minutes.exists() else ""
+        sample = directory / "sample"  # tests/mutation.sh with MUTATION_SAMPLE
+        took += f", {sample.read_text().strip()}" if sample.exists() else ""
         group = directory.parent.name if directory.parent.name == "functional" else directory.name
         print(f"[{directory.parent.name + '/' if group == 'functional' else ''}{directory.name}{took}]")
         for path, score in sorted(scores.items()):

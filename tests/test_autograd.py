@@ -610,9 +610,102 @@ def test_a_backward_inside_a_callback_keeps_the_outer_pass_callbacks():
             def nested():
                 (inner * 2).sum().backward()  # a pass of its own, inside the outer one's callback
                 order.append("nested done")
+                queue_callback(lambda: order.append("queued after it"))  # still the outer pass
             queue_callback(nested)
             queue_callback(lambda: order.append("outer second"))
             return (gy,)
 
     Outer()(dp.tensor(np.ones(2), requires_grad=True)).sum().backward()
-    assert order == ["nested done", "outer second"] and inner.grad[0] == 2.0
+    assert order == ["nested done", "outer second", "queued after it"] and inner.grad[0] == 2.0
+
+
+def test_comparisons_of_equal_elements():
+    x, y = dp.tensor(np.array([1.0, 2.0])), dp.tensor(np.array([1.0, 1.0]))
+    assert np.array_equal(x > y, [False, True]) and np.array_equal(x >= y, [True, True])
+    assert np.array_equal(y < x, [False, True]) and np.array_equal(y <= x, [True, True])
+
+
+def test_to_names_the_device_it_does_not_know():
+    with pytest.raises(ValueError, match=r"^unknown device 'tpu': expected 'cpu' or 'gpu'$"):
+        dp.tensor(np.ones(2)).to("tpu")
+
+
+def test_the_module_level_backward_frees_the_graph_by_default():
+    from distprop.autograd import backward
+
+    loss = (dp.tensor(np.ones(2), requires_grad=True) * 2).sum()
+    backward(loss)
+    with pytest.raises(RuntimeError, match="already freed"):
+        backward(loss)
+
+
+def test_a_gradient_given_to_a_leaf_takes_the_leaf_dtype():
+    x = dp.tensor(np.ones(3, np.float32), requires_grad=True)
+    x.backward(np.array([1.0, 2.0, 3.0]))  # float64
+    assert x.grad.dtype == np.float32 and np.array_equal(x.grad, [1, 2, 3])
+
+
+def test_the_given_gradient_is_never_a_leaf_gradient_nor_added_into():
+    from distprop.autograd import Function
+
+    class Identity(Function):
+        def forward(self, a):
+            return a
+
+        def backward(self, gy):
+            return (gy,)
+
+    x = dp.tensor(np.ones(3), requires_grad=True)
+    given = np.array([1.0, 2.0, 3.0])
+    for _ in range(2):  # passed through as is
+        Identity()(x).backward(given)
+        assert not np.shares_memory(x.grad, given)
+    assert np.array_equal(x.grad, [2, 4, 6]) and np.array_equal(given, [1, 2, 3])
+    x = dp.tensor(np.ones(3), requires_grad=True)
+    for _ in range(2):  # as a view of it
+        x.reshape(3, 1).backward(given.reshape(3, 1))
+        assert not np.shares_memory(x.grad, given)
+    assert np.array_equal(x.grad, [2, 4, 6]) and np.array_equal(given, [1, 2, 3])
+
+
+def test_read_only_gradients_are_copied_before_anything_is_added_into_them():
+    from distprop.autograd import Function
+
+    class ReadOnly(Function):  # a fresh array, but one that may not be written
+        def forward(self, a):
+            return a.copy()
+
+        def backward(self, gy):
+            g = gy * 1.0
+            g.flags.writeable = False
+            return (g,)
+
+    class Spread(Function):  # a read-only view of an array the engine owns
+        def forward(self, a):
+            self.shape = a.shape
+            return a.sum(keepdims=True)  # not 0-d: numpy makes scalars of 0-d products
+
+        def backward(self, gy):
+            return (np.broadcast_to(gy, self.shape),)
+
+    def spread_twice(x):  # two contributions: the engine adds them into an array of its own
+        s = Spread()(x)
+        return (s * 2 + s * 3).sum()
+
+    for op, per_pass in ((lambda x: ReadOnly()(x).sum(), 1), (spread_twice, 5)):
+        x = dp.tensor(np.zeros(3), requires_grad=True)
+        op(x).backward()
+        op(x).backward()  # adds into the first pass's gradient
+        assert x.grad.flags.writeable and np.array_equal(x.grad, np.full(3, 2 * per_pass))
+
+
+def test_gradient_lands_in_a_grad_buffer_that_is_a_view_of_a_larger_array():
+    # as the data-parallel reducer's buckets are: one flat array, a view per parameter
+    rng = np.random.default_rng(2)
+    x = dp.tensor(rng.standard_normal((4, 3)))
+    w = dp.tensor(rng.standard_normal((2, 3)), requires_grad=True)
+    flat = np.full(10, np.nan)
+    w.grad_buffer = flat[4:].reshape(2, 3)
+    F.linear(x, w).sum().backward()
+    assert w.grad is w.grad_buffer
+    np.testing.assert_allclose(flat[4:].reshape(2, 3), np.tile(x.data.sum(axis=0), (2, 1)), rtol=1e-12)
