@@ -127,7 +127,7 @@ def test_token_batches_are_lent_too(tmp_path):
     rng = np.random.default_rng(3)
     write_documents(tmp_path / "t.parquet", [rng.integers(1, 100, int(rng.integers(1, 30))).tolist()
                                              for _ in range(40)])
-    options = dict(sequence_length=16, pack=True, seed=2, drop_last=False)
+    options = {"sequence_length": 16, "pack": True, "seed": 2, "drop_last": False}
     expected = [{name: np.array(values) for name, values in batch.items()}
                 for batch in ArrowLoader(tmp_path, 3, **options)]
     parallel = ArrowLoader(tmp_path, 3, num_workers=2, **options)

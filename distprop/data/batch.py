@@ -19,8 +19,8 @@ import pyarrow as pa
 
 from distprop.data.format import ARRAY, LIST, column_to_numpy, image_rows, list_to_numpy
 from distprop.data.images import Geometry, ImageDecoder, ImageError
-from distprop.data.resample import resample_image, resample_into
 from distprop.data.index import DatasetIndex
+from distprop.data.resample import resample_into
 from distprop.data.storage import first_line
 from distprop.data.tokens import PackedAssembler, PackedLayout, TokenOptions, fill_padded, read_token_block
 from distprop.data.transforms import ImagePipeline
@@ -280,10 +280,8 @@ def decode_region(decoder: ImageDecoder, pipeline: ImagePipeline, data, rng) -> 
 
 def decode_sample(decoder: ImageDecoder, pipeline: ImagePipeline, data, rng) -> np.ndarray:
     """Decode one image and run its transforms up to (not including) the fused tail."""
-    pixels, box, geometry = decode_region(decoder, pipeline, data, rng)
-    if geometry is not None:
-        pixels = resample_image(pixels, box, geometry.size, geometry.flip)
-    return pipeline.finish(pixels, rng)
+    geometry = pipeline.geometry(*decoder.size(data), rng) if pipeline.geometric else None
+    return pipeline.finish(decoder.decode(data, geometry), rng)
 
 
 def probe_image_outputs(spec: BatchSpec, read_block) -> None:
