@@ -580,3 +580,69 @@ def test_a_duplicate_communicator_is_separate_and_freed(comm):
     agree(comm, value[0] == comm.size and comm.allreduce(1) == comm.size, "dup/free")
     assert repr(comm) == (f"MPICommunicator(rank={comm.rank}, size={comm.size}, local_rank={comm.local_rank}, "
                           f"local_size={comm.local_size})")
+
+
+def test_read_only_buffers_are_replaced_by_rank_0s(comm, wrap):
+    # e.g. a buffer loaded with np.frombuffer: it cannot be overwritten in place
+    bag = ParamBag([(2,)], np.float64)
+    table = np.full(3, comm.rank + 1.0)
+    table.flags.writeable = False
+    bag.register_buffer("table", table)
+    wrap(bag)
+    agree(comm, np.array_equal(bag.table, [1, 1, 1]) and bag.table is not table, f"{bag.table}")
+
+
+def test_outputs_in_tuples_lists_and_dicts_are_averaged(comm, wrap):
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return (y, [y * 2], {"z": y * 3})
+
+    net = Nested()
+    model = wrap(net)
+    y, (doubled,), rest = model(dp.tensor(np.full((2, 3), comm.rank + 1.0, np.float32)))
+    (y.sum() + doubled.sum() + rest["z"].sum()).backward()
+    # d/dW of 6 * sum(W x + b) over 2 rows of x = rank + 1, averaged over the ranks
+    mean = 6 * 2 * (comm.size + 1) / 2
+    agree(comm, np.allclose(net.fc.weight.grad, mean) and np.allclose(net.fc.bias.grad, 12),
+          f"{net.fc.weight.grad} {net.fc.bias.grad}")
+
+
+def test_a_reserved_segment_is_its_owners_alone_and_never_reused():
+    import os
+    import stat
+    import tempfile
+
+    from distprop.parallel import shm
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "segment")
+        assert shm._reserve(path, 1 << 16) is None
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == 1 << 16
+        assert shm._reserve(path, 1).startswith(f"cannot create {path}: ")
+
+
+def test_buffers_that_differ_between_ranks_are_named_as_buffers(comm):
+    bag = ParamBag([(2,)], np.float64)
+    bag.register_buffer("table", np.zeros(3 if comm.rank == 0 else 4))
+    with pytest.raises(ModelMismatchError, match=r"rank 1 has buffer 'table' of shape \(4,\) float64, "
+                                                 r"rank 0 has \(3,\) float64"):
+        DataParallel(bag, comm)
+
+
+def test_shared_memory_is_unusable_where_its_size_cannot_be_read(comm, monkeypatch):
+    import os
+
+    from distprop.parallel import shm
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    if comm.rank == comm.size - 1:  # one rank alone is enough to rule it out everywhere
+        monkeypatch.setattr(os, "statvfs", refused)
+    agree(comm, shm.shared_memory_usable(comm, 1) is False, "usable")

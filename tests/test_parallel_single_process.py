@@ -100,3 +100,15 @@ def test_reproducible_mode_is_used_through_reproducible_backward_only(single):
     with pytest.raises(ValueError, match=r"^reproducible mode needs micro_shards divisible by the number of ranks "
                                          r"\(1\), got -2$"):
         DataParallel(nn.Linear(2, 2), single, reproducible=True, micro_shards=-2)
+
+
+def test_converting_to_sync_batchnorm_reaches_nested_modules_with_the_given_communicator(single):
+    from distprop.parallel import SyncBatchNorm
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm1d(4))))
+    inner = net[1][1][0]
+    inner.running_mean[...] = 7.0
+    net = SyncBatchNorm.convert_sync_batchnorm(net, single)
+    converted = [m for m in net.modules() if isinstance(m, nn.BatchNorm1d) or isinstance(m, SyncBatchNorm)]
+    assert len(converted) == 2 and all(isinstance(m, SyncBatchNorm) and m.comm is single for m in converted)
+    assert np.array_equal(net[1][1][0].running_mean, np.full(4, 7.0))  # the same buffers, carried over
