@@ -88,7 +88,8 @@ def shm_fabric(calibration: dict) -> Fabric:
     MPICH's large-message algorithm; Thakur, Rabenseifner & Gropp 2005): fitted on 2
     ranks it costs what a ring costs, but on 3 it folds a rank in and out with the
     whole bucket. Across three namespace hosts on 1 Gb/s links (Open MPI 5 over TCP)
-    the ring's prediction of the 3-host step was 2.6x too short, this one -19%.
+    the ring's prediction of the 3-host step was 2.6x too short; this one was
+    off by -19% to +31% over three runs.
     """
     ranks, per_node = calibration["ranks"], calibration["ranks_per_node"]
     fits = calibration["transports"]
