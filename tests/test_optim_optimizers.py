@@ -153,6 +153,7 @@ def _steps(opt, p, count):
     (dict(lr=0.1, momentum=0.9, dampening=0.5), [0.8, 0.54, 0.252]),  # b = 2, 2.6, 2.88
     (dict(lr=0.1, momentum=0.9, nesterov=True), [0.62, 0.2224]),  # b = 2, 3.04; steps 3.8, 3.976
     (dict(lr=0.1, weight_decay=0.1), [0.79, 0.6241, 0.493039]),  # gradient 2.1 p
+    (dict(lr=0.1, weight_decay=1.0), [0.7, 0.49, 0.343]),  # gradient 3 p
 ])
 def test_sgd_first_steps_by_hand(kwargs, expected):
     p = nn.Parameter(np.array([1.0]))
@@ -559,3 +560,11 @@ def test_repr_lists_every_group():
     opt = optim.SGD([{"params": _ours(_problem()[0])[:1]}], lr=0.5, momentum=0.9)
     assert repr(opt) == ("SGD (\nParameter Group 0\n    lr: 0.5\n    momentum: 0.9\n    dampening: 0.0\n"
                          "    weight_decay: 0.0\n    nesterov: False\n)")
+
+
+def test_an_optimizer_without_a_step_says_so():
+    class Unfinished(optim.Optimizer):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"^Unfinished does not define step\(\)$"):
+        Unfinished([nn.Parameter(np.ones(1))], {}).step()
