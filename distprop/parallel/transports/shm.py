@@ -13,7 +13,8 @@ that stay in the core's cache, so scaling and copying out reread nothing from
 memory. Every rank ends with bitwise the same values: each chunk is computed once
 (its owner's buffer first, then the others in local-rank order) and copied.
 
-When the reductions run (agreed by all ranks, see `spare_cores`):
+When the reductions run (agreed by all ranks, see `spare_cores`; $DISTPROP_SHM_OVERLAP
+chooses where set):
 - where every rank has a core to spare for a reduction thread, each bucket is
   reduced on a background thread as soon as backward has finished it;
 - where the ranks already occupy the cores (one rank per core, or more ranks than
