@@ -383,7 +383,9 @@ def test_a_model_cast_after_wrapping_fails_clearly(comm, wrap):
     net = nn.Sequential(nn.Linear(4, 3))
     model = wrap(net, transport="thread")
     net.to(np.float64)  # its gradient buffers were laid out for float32
-    with pytest.raises(RuntimeError, match="parameter '0.(weight|bias)' is now float64"):
+    with pytest.raises(RuntimeError, match=r"^DataParallel: parameter '0.(weight|bias)' is now float64 \(\d+(, 4)?\) on "
+                                           r"cpu, but was float32 \(\d+(, 4)?\) on cpu when the model was wrapped; "
+                                           r"move or cast the model before wrapping it$"):
         model(dp.tensor(np.ones((2, 4)))).sum().backward()
 
 
@@ -646,3 +648,42 @@ def test_shared_memory_is_unusable_where_its_size_cannot_be_read(comm, monkeypat
     if comm.rank == comm.size - 1:  # one rank alone is enough to rule it out everywhere
         monkeypatch.setattr(os, "statvfs", refused)
     agree(comm, shm.shared_memory_usable(comm, 1) is False, "usable")
+
+
+def _node_failure(comm, monkeypatch, rank, module, name, error):
+    """`module.name` raises `error` on local rank `rank` (a platform skip without ranks that share a node)."""
+    if comm.local_size == 1:
+        pytest.skip("platform: needs ranks that share a node")
+
+    def refused(*args, **kwargs):
+        raise error
+
+    if comm.local_rank == rank:
+        monkeypatch.setattr(module, name, refused)
+
+
+def test_a_rank_that_cannot_map_the_segment_fails_the_shared_memory_transport_everywhere(comm, monkeypatch):
+    import mmap
+    import re
+
+    from distprop.parallel import shm
+
+    last = comm.local_size - 1
+    _node_failure(comm, monkeypatch, last, mmap, "mmap", PermissionError(13, "Permission denied"))
+    where = re.escape(shm.SHM_DIR)
+    with pytest.raises(OSError, match=rf"^shared-memory transport: rank 0: local rank {last} cannot map "
+                                      rf"{where}/distprop-[0-9a-f]+: \[Errno 13\] Permission denied"):
+        DataParallel(ParamBag([(3,)], np.float64), comm, transport="shm")
+
+
+def test_a_node_barrier_that_cannot_be_made_fails_the_shared_memory_transport_everywhere(comm, monkeypatch):
+    import os
+    import re
+
+    from distprop.parallel import shm
+
+    _node_failure(comm, monkeypatch, 0, os, "mkfifo", OSError(28, "No space left on device"))
+    where = re.escape(shm.SHM_DIR)
+    with pytest.raises(OSError, match=rf"^shared-memory transport: rank 0: cannot create the node barrier's FIFOs "
+                                      rf"in {where}: \[Errno 28\] No space left on device(;|$)"):
+        DataParallel(ParamBag([(3,)], np.float64), comm, transport="shm")
