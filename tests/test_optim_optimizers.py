@@ -151,6 +151,7 @@ def _steps(opt, p, count):
     (dict(lr=0.1), [0.8, 0.64, 0.512]),
     (dict(lr=0.1, momentum=0.9), [0.8, 0.46, 0.062]),  # b = 2, 3.4, 3.98
     (dict(lr=0.1, momentum=0.9, dampening=0.5), [0.8, 0.54, 0.252]),  # b = 2, 2.6, 2.88
+    (dict(lr=0.1, momentum=0.9, dampening=1.0), [0.8, 0.62, 0.458]),  # b = 2, 1.8, 1.62: no new gradient
     (dict(lr=0.1, momentum=0.9, nesterov=True), [0.62, 0.2224]),  # b = 2, 3.04; steps 3.8, 3.976
     (dict(lr=0.1, weight_decay=0.1), [0.79, 0.6241, 0.493039]),  # gradient 2.1 p
     (dict(lr=0.1, weight_decay=1.0), [0.7, 0.49, 0.343]),  # gradient 3 p
