@@ -161,3 +161,14 @@ def test_an_index_tuple_may_hold_tensors():
     np.testing.assert_array_equal(y.data, np.arange(12.0).reshape(3, 4)[[2, 0, 2], 1:3])
     y.backward(np.ones((3, 2)))
     np.testing.assert_array_equal(x.grad, [[0, 1, 1, 0], [0, 0, 0, 0], [0, 2, 2, 0]])  # row 2 twice
+
+
+def test_stack_puts_the_new_axis_first_by_default():
+    a, b = dp.tensor(np.zeros((2, 3))), dp.tensor(np.ones((2, 3)))
+    stacked = F.stack([a, b])
+    assert stacked.shape == (2, 2, 3) and np.array_equal(stacked.data[1], np.ones((2, 3)))
+
+
+def test_to_names_a_device_it_does_not_know():
+    with pytest.raises(ValueError, match=r"^unknown device 'tpu': expected 'cpu' or 'gpu'$"):
+        dp.tensor(np.ones(2)).to(device="tpu")  # Tensor.to is shapes.to
