@@ -65,3 +65,30 @@ def test_linear_writes_the_weight_gradient_into_the_weight_s_grad_buffer():
     F.linear(x, w, dp.tensor(np.zeros(3), requires_grad=True)).backward(gy)
     assert w.grad is buffer  # no copy
     np.testing.assert_allclose(buffer, gy.T @ x.data, rtol=1e-13)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)])
+def test_linear_without_bias_gives_each_wanted_gradient(needs):
+    rng = np.random.default_rng(4)
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    tensors = [dp.tensor(a, requires_grad=r) for a, r in zip((x, w), needs)]
+    gy = rng.standard_normal((3, 5))
+    F.linear(*tensors).backward(gy)
+    for t, want, needed in zip(tensors, (gy @ w, gy.T @ x), needs):
+        if needed:
+            np.testing.assert_allclose(t.grad, want, rtol=1e-13)
+        else:
+            assert t.grad is None
+
+
+def test_linear_of_a_0d_input_says_so():
+    message = (r"^mat1 and mat2 shapes cannot be multiplied \(1x0-d and 4x5\): linear got input of shape \(\) "
+               r"but its weight of shape \(5, 4\) takes 4 features$")
+    with pytest.raises(ValueError, match=message):
+        F.linear(dp.tensor(np.float64(2.0)), dp.tensor(np.ones((5, 4))))
+
+
+def test_linear_with_a_1d_weight_is_a_dot_product_per_row():
+    # as in PyTorch: a weight of shape (in_features,) gives one number per row
+    x, w = np.arange(12.0).reshape(3, 4), np.array([1.0, -1.0, 2.0, 0.5])
+    np.testing.assert_allclose(F.linear(dp.tensor(x), dp.tensor(w)).data, x @ w, rtol=1e-15)
