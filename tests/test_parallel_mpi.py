@@ -456,7 +456,7 @@ def test_a_failed_shared_memory_reservation_leaves_no_file(monkeypatch):
         assert not os.path.exists(path)
 
 
-def test_shared_memory_that_cannot_be_had_fails_everywhere_or_falls_back(comm, wrap, monkeypatch):
+def test_shared_memory_that_cannot_be_had_fails_everywhere_or_falls_back(comm, wrap, monkeypatch, capfd):
     if comm.local_size == 1:
         pytest.skip("platform: needs ranks that share a node")
     from distprop.parallel import shm
@@ -465,8 +465,13 @@ def test_shared_memory_that_cannot_be_had_fails_everywhere_or_falls_back(comm, w
     bag = ParamBag([(3,), (4,)], np.float64)
     with pytest.raises(OSError, match="shared-memory transport: rank 0: cannot reserve .* simulated"):
         DataParallel(bag, comm, transport="shm")
-    model = wrap(bag)  # chosen automatically: every rank falls back alike
+    capfd.readouterr()
+    model = wrap(bag)  # chosen automatically: every rank falls back alike, and rank 0 says so
     agree(comm, model.reducer.transport.name == "thread", model.reducer.transport.name)
+    said = capfd.readouterr().err
+    expected = ("distprop: shared-memory transport: rank 0: cannot reserve " if comm.rank == 0 else "")
+    agree(comm, said.startswith(expected) and ("gradients are reduced with transport='thread'" in said) == (comm.rank == 0),
+          said)
     model(float(comm.rank)).backward()
     agree(comm, all(np.all(p.grad == (comm.size - 1) / 2) for p in bag.parameters()), "mean")
 
@@ -687,3 +692,8 @@ def test_a_node_barrier_that_cannot_be_made_fails_the_shared_memory_transport_ev
     with pytest.raises(OSError, match=rf"^shared-memory transport: rank 0: cannot create the node barrier's FIFOs "
                                       rf"in {where}: \[Errno 28\] No space left on device(;|$)"):
         DataParallel(ParamBag([(3,)], np.float64), comm, transport="shm")
+
+
+def test_compression_with_the_shared_memory_transport_is_refused(comm):
+    with pytest.raises(ValueError, match=r"^compression does not apply to transport='shm' \(no wire to narrow\)$"):
+        DataParallel(ParamBag([(3,)], np.float32), comm, transport="shm", compression="fp16")
