@@ -26,7 +26,7 @@ time.sleep(60)
 """
 
 
-def run_and_signal(tmp_path, on_sigterm: str, signum=signal.SIGTERM) -> int:
+def run_and_signal(tmp_path, on_sigterm: str, signum=signal.SIGTERM, failed_anyway=lambda: False) -> int:
     """process.run on the child, with `signum` sent to this process once the child is up."""
     up = tmp_path / "up"
     up.unlink(missing_ok=True)  # from an earlier call
@@ -38,7 +38,7 @@ def run_and_signal(tmp_path, on_sigterm: str, signum=signal.SIGTERM) -> int:
         os.kill(os.getpid(), signum)  # as `kill` would: to the launcher, not the child
 
     threading.Thread(target=signal_us_when_up, daemon=True).start()
-    return process.run([sys.executable, "-c", CHILD, on_sigterm, str(up)], dict(os.environ))
+    return process.run([sys.executable, "-c", CHILD, on_sigterm, str(up)], dict(os.environ), failed_anyway)
 
 
 def test_the_commands_exit_status_is_returned():
@@ -52,6 +52,11 @@ def test_a_signal_that_ends_the_job_gives_128_plus_its_number(tmp_path):
     # mpiexec reports an interrupted job as 1: the signal, not that 1, is the answer
     assert run_and_signal(tmp_path, "1") == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # the forwarding handlers are gone again
+
+
+def test_a_job_whose_launcher_says_0_but_whose_ranks_died_of_the_signal_gives_128_plus_it(tmp_path):
+    """MPICH's mpiexec can exit 0 after passing Ctrl-C on to the ranks it then ended."""
+    assert run_and_signal(tmp_path, "0", failed_anyway=lambda: True) == 128 + signal.SIGTERM
 
 
 def test_a_job_that_ends_well_on_a_signal_keeps_its_status(tmp_path):

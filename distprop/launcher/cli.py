@@ -87,7 +87,8 @@ def run(args) -> int:
         print(f"distprop launch: {launch.line}", file=sys.stderr, flush=True)
         markers = os.path.join(workdir, "exit-markers")
         os.mkdir(markers)
-        code = process.run(launch.argv, {**os.environ, **launch.assignments, exit_markers.VARIABLE: markers})
+        code = process.run(launch.argv, {**os.environ, **launch.assignments, exit_markers.VARIABLE: markers},
+                           failed_anyway=lambda: bool(exit_markers.unfinished(markers)))
         killed = exit_markers.unfinished(markers)
         if code == 0 and killed:  # e.g. Open MPI 5 after a host's processes were killed
             print(f"distprop launch: rank(s) {', '.join(map(str, killed))} started but never returned from "

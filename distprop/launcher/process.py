@@ -39,11 +39,13 @@ def _death_signal_setter():
     return set_death_signal
 
 
-def run(argv: list[str], env: dict[str, str]) -> int:
+def run(argv: list[str], env: dict[str, str], failed_anyway=lambda: False) -> int:
     """Run argv to its end; its exit status (128 + N for a death by signal N, as a
     shell says). A job that fails after we passed it Ctrl-C, SIGTERM, SIGHUP or
     SIGQUIT gives 128 + that signal (130 for Ctrl-C), as an interrupted command
-    does, where mpiexec itself would say 1 whatever happened."""
+    does, where mpiexec itself would say 1 whatever happened -- or 0: MPICH's
+    mpiexec can exit 0 after passing Ctrl-C to ranks that it ended, which
+    `failed_anyway()` (called once the command is over) tells."""
     setter = _death_signal_setter()
     if setter is None:  # no parent-death signal: become the command, so a kill reaches it directly
         sys.stdout.flush()
@@ -63,6 +65,6 @@ def run(argv: list[str], env: dict[str, str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     ended_by = next((sig for sig in received if sig in ENDING), None)
-    if code != 0 and ended_by is not None:
+    if ended_by is not None and (code != 0 or failed_anyway()):
         return 128 + ended_by
     return 128 - code if code < 0 else code
