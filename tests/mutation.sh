@@ -75,7 +75,9 @@ configure() {
              "distprop.data.loader.xǁArrowLoaderǁ__iter____mutmut_*"
              "distprop.data.loader.xǁArrowLoaderǁ_advance__mutmut_*"
              "distprop.data.loader.xǁ_LoaderIteratorǁ*")
-      tests=(tests/test_data_sampler.py tests/test_data_loader.py tests/mutation_mpi.py) ;;
+      # the worker-process and token paths of __iter__ and load_state_dict have their own files
+      tests=(tests/test_data_sampler.py tests/test_data_loader.py tests/test_data_workers.py tests/test_data_tokens.py
+             tests/mutation_mpi.py) ;;
     *) echo "mutation.sh: unknown group '$1' (autograd functional optim parallel data, or functional/MODULE)" >&2
        exit 2 ;;
   esac
