@@ -545,16 +545,17 @@ def test_one_array_returned_for_two_inputs_is_not_shared_between_their_gradients
     assert np.array_equal(c.grad, [3, 3])
 
 
+class Identity(dp.autograd.Function):
+    """Hands its output's gradient back as the very same array."""
+
+    def forward(self, a):
+        return a
+
+    def backward(self, gy):
+        return (gy,)
+
+
 def test_a_gradient_passed_through_unchanged_is_never_added_into_in_place():
-    from distprop.autograd import Function
-
-    class Identity(Function):
-        def forward(self, a):
-            return a
-
-        def backward(self, gy):
-            return (gy,)
-
     x = dp.tensor(np.ones(3), requires_grad=True)
     given = np.array([1.0, 2.0, 3.0])
     y = Identity()(x)
@@ -646,15 +647,6 @@ def test_a_gradient_given_to_a_leaf_takes_the_leaf_dtype():
 
 
 def test_the_given_gradient_is_never_a_leaf_gradient_nor_added_into():
-    from distprop.autograd import Function
-
-    class Identity(Function):
-        def forward(self, a):
-            return a
-
-        def backward(self, gy):
-            return (gy,)
-
     x = dp.tensor(np.ones(3), requires_grad=True)
     given = np.array([1.0, 2.0, 3.0])
     for _ in range(2):  # passed through as is
