@@ -77,30 +77,78 @@ def test_blocks_a_window_runs_on_into():
     layout.options = type("Options", (), {"sequence_length": 4})()
     layout.token_starts = np.array([0, 5, 6, 9, 15])
     # window 0: tokens 0-4, block 0 alone; window 1: 4-8, blocks 0-2; window 2: 8-12, blocks 2-3.
-    assert layout.blocks_run_into(np.array([0]), np.array([0])).tolist() == []
-    assert layout.blocks_run_into(np.array([1, 0]), np.array([0, 0])).tolist() == [1, 2]
-    assert layout.blocks_run_into(np.array([2, 1]), np.array([2, 0])).tolist() == [1, 2, 3]
+    assert layout.last_block(np.array([0, 1, 2])).tolist() == [0, 2, 3]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_each_block_is_read_once_per_epoch_when_windows_span_blocks(tmp_path, monkeypatch, shuffle):
-    """Windows longer than row groups: the blocks they run on into are read with the
-    batch's own (ahead, on the reader threads), not again on the side."""
+@pytest.mark.parametrize("length", [40, 7])
+def test_each_block_is_read_once_per_epoch_when_windows_span_blocks(tmp_path, monkeypatch, shuffle, length):
+    """Windows that run on into the next row group take only its first documents (its
+    *head*): each block is read whole once per epoch, for its own windows, even where
+    the shuffled order puts the next block's turn far away (shuffle_window=2 of 20+
+    blocks); longer windows (40) cross several row groups of ~4 documents."""
     from distprop.data.reader import BlockReader
 
     docs = documents(90, seed=4)
     write_documents(tmp_path / "t.parquet", docs, row_group_size=4)
-    reads = []
-    read = BlockReader.read
+    reads, head_rows = [], []
+    read, read_rows = BlockReader.read, BlockReader.read_rows
     monkeypatch.setattr(BlockReader, "read", lambda self, block: reads.append(block) or read(self, block))
-    loader = ArrowLoader(tmp_path, 3, sequence_length=40, eos_token=0, shuffle=shuffle, shuffle_window=100,
-                         seed=1, drop_last=False)
-    got = sorted(tuple(row) for batch in loader for row in batch["input_ids"].tolist())
-    assert got == sorted(tuple(w[0]) for w in reference_windows(docs, 40, eos=0))
-    # Every block holding a token of some window: those starting before the last window's end.
-    layout = loader._spec.packed
-    used = int(np.searchsorted(layout.token_starts, layout.num_samples * 40 + 1, side="left"))
-    assert sorted(reads) == list(range(used))
+
+    def counted_rows(self, block, batch_rows):
+        for table in read_rows(self, block, batch_rows):
+            head_rows.append(table.num_rows)
+            yield table
+
+    monkeypatch.setattr(BlockReader, "read_rows", counted_rows)
+    loader = ArrowLoader(tmp_path, 3, sequence_length=length, eos_token=0, shuffle=shuffle, shuffle_window=2,
+                         seed=1, drop_last=False, positions=True)
+    got = sorted(tuple(tuple(batch[k][j].tolist()) for k in ("input_ids", "labels", "document_ids", "positions"))
+                 for batch in loader for j in range(len(batch["input_ids"])))
+    assert got == sorted(tuple(map(tuple, w)) for w in reference_windows(docs, length, eos=0))
+    # Read whole: every block some window starts in (the others give only heads).
+    assert sorted(reads) == np.flatnonzero(loader._spec.packed.samples_per_block).tolist()
+    assert head_rows and sum(head_rows) < sum(len(d) for d in docs) / 4  # heads are a small part of the data
+
+
+def test_a_head_is_read_only_as_far_as_a_window_needs(tmp_path):
+    """read_token_head stops reading a block's rows once it holds sequence_length tokens."""
+    from distprop.data.reader import BlockReader
+    from distprop.data.tokens import TokenOptions, read_token_head
+
+    docs = [[d] * 10 for d in range(1, 101)]  # 100 documents of 10 tokens, one row group
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=100)
+    loader = ArrowLoader(tmp_path, 1, sequence_length=25, eos_token=0)
+    reader = BlockReader(loader.index, ["tokens"])
+    taken = []
+
+    def tables():
+        for table in reader.read_rows(0, 2):  # two documents (22 tokens with their end tokens) at a time
+            taken.append(table.num_rows)
+            yield table
+
+    options = TokenOptions("tokens", 25, eos_token=0)
+    head = read_token_head(tables(), loader.index.columns["tokens"], options, "t.parquet (row group 0)", 25)
+    assert taken == [2, 2]  # 44 tokens >= 25: the other 96 rows are never decoded
+    assert head.tokens.tolist() == sum(([d] * 10 + [0] for d in range(1, 5)), [])
+    assert head.starts.tolist() == [0, 11, 22, 33, 44]
+    reader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shuffled_windows_with_document_ids_and_positions_match_the_definition(tmp_path, workers):
+    """Every output of every window, shuffled over small windows of row groups of
+    varying size, with and without worker processes, is the reference's."""
+    docs = documents(150, seed=9)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=5)
+    loader = ArrowLoader(tmp_path, 4, sequence_length=33, eos_token=0, seed=3, shuffle_window=2, drop_last=False,
+                         positions=True, num_workers=workers)
+    try:
+        got = [tuple(tuple(batch[k][j].tolist()) for k in ("input_ids", "labels", "document_ids", "positions"))
+               for batch in loader for j in range(len(batch["input_ids"]))]
+    finally:
+        loader.close()
+    assert sorted(got) == sorted(tuple(map(tuple, w)) for w in reference_windows(docs, 33, eos=0))
 
 
 def test_each_batch_schedules_exactly_the_blocks_its_windows_read(tmp_path):

@@ -22,7 +22,8 @@ from distprop.data.images import Geometry, ImageDecoder, ImageError
 from distprop.data.index import DatasetIndex
 from distprop.data.resample import resample_into
 from distprop.data.storage import first_line
-from distprop.data.tokens import PackedAssembler, PackedLayout, TokenOptions, fill_padded, read_token_block
+from distprop.data.tokens import (PackedAssembler, PackedLayout, TokenOptions, fill_padded, read_token_block,
+                                  read_token_head)
 from distprop.data.transforms import ImagePipeline
 from distprop.errors import ConfigError, DataError
 
@@ -131,6 +132,18 @@ def prepare_block(spec: BatchSpec, table: pa.Table, block: int) -> dict:
     return out
 
 
+def prepare_head(spec: BatchSpec, reader, block: int) -> dict:
+    """The first sequence_length tokens of packed block `block`, read through `reader`
+    (a `BlockReader`) a few documents at a time: what windows starting in the block
+    before take from it."""
+    tokens, layout = spec.tokens, spec.packed
+    average = max(1.0, layout.block_tokens[block] / max(1, spec.index.blocks[block].num_rows))
+    batch_rows = int(2 * tokens.sequence_length / average) + 1  # about twice the documents needed
+    head = read_token_head(reader.read_rows(block, batch_rows), spec.index.columns[tokens.column], tokens,
+                           block_location(spec.index, block), tokens.sequence_length)
+    return {tokens.column: head}
+
+
 @dataclass
 class BatchRows:
     """One batch's samples grouped by the block they come from: samples
@@ -169,15 +182,17 @@ class BatchBuilder:
         self.assembler = PackedAssembler(spec.packed) if spec.packed is not None else None
         self.sample_starts = spec.sample_block_starts
 
-    def build(self, rows: BatchRows, block_of, out: dict[str, np.ndarray]) -> BuildResult:
-        """Fill ``out[name][:size]``; `block_of(b)` returns prepared block ``b``."""
+    def build(self, rows: BatchRows, block_of, out: dict[str, np.ndarray], head_of=None) -> BuildResult:
+        """Fill ``out[name][:size]``; `block_of(b)` returns prepared block ``b``, `head_of(b)`
+        (packed tokens) the block or its head (`prepare_head`), for blocks that windows
+        run on into; by default the whole block."""
         spec = self.spec
         index = spec.index
         if self.assembler is not None:  # packed windows: nothing else is in the batch
             blocks = rows.blocks.tolist()
             groups = [(b, int(rows.bounds[j]), int(rows.bounds[j + 1])) for j, b in enumerate(blocks)]
             samples = rows.local + np.repeat(self.sample_starts[rows.blocks], np.diff(rows.bounds))
-            self.assembler.fill(samples, groups, block_of, out)
+            self.assembler.fill(samples, groups, block_of, head_of or block_of, out)
             return BuildResult(len(rows))
         keep = np.ones(len(rows), bool)
         skipped: list[str] = []

@@ -13,58 +13,82 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from distprop.data.batch import BatchBuilder, BatchRows, BatchSpec, prepare_block
+from distprop.data.batch import BatchBuilder, BatchRows, BatchSpec, prepare_block, prepare_head
 from distprop.data.reader import BlockReader
-from distprop.data.sampler import EpochOrder, RankPlan
+from distprop.data.sampler import EpochOrder, RankPlan, ranges_length, slice_ranges
 
 
 class Schedule:
     """Which blocks each remaining batch needs, and when each block is read and freed.
 
-    A batch uses the blocks its samples come from and, packed, the blocks its windows
-    run on into. A block is read once for each *run* of batches that use it: uses closer than
-    `horizon` batches (the batches one shuffle window spans) share one read, so a
-    block stays decoded while its window is being consumed; a later use (wrap-around
-    padding, a re-sharded stretch) reads it again rather than pinning it in memory.
+    A batch uses the blocks its samples come from and, packed, the first tokens
+    (*head*) of the blocks its windows run on into: a window takes at most
+    sequence_length tokens from the next block, whose own turn in the shuffled order
+    may be far away, so only its first documents are read for it. A block (or head)
+    is read once for each *run* of batches that use it: uses closer than `horizon`
+    batches (the batches one shuffle window spans) share one read, so a block stays
+    decoded while its window is being consumed; a later use (wrap-around padding, a
+    re-sharded stretch) reads it again rather than pinning it in memory.
     """
+
+    _CHUNK = 4096  # batches grouped in one vectorised pass
 
     def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int):
         self.start = start
         self.batches: list[tuple[np.ndarray, BatchRows]] = []  # (schedule entries used, rows) per batch
         self.entry_block: list[int] = []   # block read by each entry
+        self.entry_head: list[bool] = []   # whether the entry reads only the block's head
         self.entry_first: list[int] = []   # first batch needing it
         self.release_after: dict[int, list[int]] = {}  # batch -> entries no longer needed after it
-        block_first = spec.sample_block_starts  # first sample id of each block
         horizon = -(-window * int(spec.samples_per_block.max()) // plan.batch_size) + 1
-        current: dict[int, int] = {}       # block -> its open entry
+        current: dict[tuple[int, bool], int] = {}  # (block, head) -> its open entry
         entry_last: list[int] = []
-        for batch in range(start, plan.num_batches):
-            rows = np.concatenate([order.rows(lo, hi) for lo, hi in plan.batch_positions(batch)])
-            block = np.searchsorted(block_first, rows, side="right") - 1
-            grouping = np.argsort(block, kind="stable")
-            rows, block = rows[grouping], block[grouping]
-            local = rows - block_first[block]
-            starts = np.concatenate([[0], np.flatnonzero(block[1:] != block[:-1]) + 1])
-            blocks = needed = block[starts]
-            if spec.packed is not None:  # and the blocks its windows run on into
-                beyond = spec.packed.blocks_run_into(rows, block)
-                if len(beyond):
-                    needed = np.union1d(blocks, beyond)
-            entries = []
-            for b in needed.tolist():
-                entry = current.get(b)
-                if entry is None or batch - entry_last[entry] > horizon:
-                    entry = len(self.entry_block)
-                    self.entry_block.append(b)
-                    self.entry_first.append(batch)
-                    entry_last.append(batch)
-                    current[b] = entry
-                entry_last[entry] = batch
-                entries.append(entry)
-            bounds = np.append(starts, len(block))
-            self.batches.append((np.array(entries), BatchRows(blocks, bounds, local)))
+        for first in range(start, plan.num_batches, self._CHUNK):
+            for batch, blocks, heads, rows in self._group(spec, order, plan, first,
+                                                          min(first + self._CHUNK, plan.num_batches)):
+                entries = []
+                for key in [(b, False) for b in blocks.tolist()] + [(b, True) for b in heads]:
+                    entry = current.get(key)
+                    if entry is None or batch - entry_last[entry] > horizon:
+                        entry = len(self.entry_block)
+                        self.entry_block.append(key[0])
+                        self.entry_head.append(key[1])
+                        self.entry_first.append(batch)
+                        entry_last.append(batch)
+                        current[key] = entry
+                    entry_last[entry] = batch
+                    entries.append(entry)
+                self.batches.append((np.array(entries), rows))
         for entry, last in enumerate(entry_last):
             self.release_after.setdefault(last, []).append(entry)
+
+    @staticmethod
+    def _group(spec: BatchSpec, order: EpochOrder, plan: RankPlan, first: int, end: int):
+        """For batches first..end-1: ``(batch, its blocks, the blocks whose heads its windows
+        run on into, its rows grouped by block)``, computed for all of them at once."""
+        size = plan.batch_size
+        positions = slice_ranges(plan.positions, first * size, min(end * size, ranges_length(plan.positions)))
+        samples = np.concatenate([order.rows(lo, hi) for lo, hi in positions])
+        batch = np.arange(len(samples)) // size
+        block_first = spec.sample_block_starts  # first sample id of each block
+        block = np.searchsorted(block_first, samples, side="right") - 1
+        key = batch * len(block_first) + block
+        grouping = np.argsort(key, kind="stable")  # by batch, then block; sample order kept within
+        samples, block, key = samples[grouping], block[grouping], key[grouping]
+        local = samples - block_first[block]
+        group_starts = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1])
+        group_bounds = np.searchsorted(group_starts, np.arange(end - first + 1) * size, side="left")
+        heads: dict[int, set[int]] = {}
+        if spec.packed is not None:  # windows that run on into the next block(s)
+            last = spec.packed.last_block(samples)
+            for i in np.flatnonzero(last > block).tolist():
+                heads.setdefault(i // size, set()).update(range(int(block[i]) + 1, int(last[i]) + 1))
+        for k in range(end - first):
+            lo, hi = k * size, min((k + 1) * size, len(samples))
+            starts = group_starts[group_bounds[k]:group_bounds[k + 1]]
+            blocks = block[starts]
+            ahead = sorted(heads.get(k, set()).difference(blocks.tolist()))
+            yield first + k, blocks, ahead, BatchRows(blocks, np.append(starts - lo, hi - lo), local[lo:hi])
 
 
 class BatchProducer:
@@ -90,34 +114,41 @@ class BatchProducer:
         readers, local = [], threading.local()
         lock = threading.Lock()
 
-        def reader() -> BlockReader:
+        def read(block: int, head: bool) -> dict:
             current = getattr(local, "reader", None)
             if current is None:
                 current = local.reader = BlockReader(spec.index, spec.read_columns,
                                                      lambda table, block: prepare_block(spec, table, block))
                 with lock:
                     readers.append(current)
-            return current
+            return prepare_head(spec, current, block) if head else current.read(block)
 
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="distprop-read")
         decoded = {}
         first = np.array(schedule.entry_first, dtype=np.int64)
-        submitted = 0
+        blocks, heads = schedule.entry_block, schedule.entry_head
+        submitted = live = 0  # entries submitted; whole blocks among those not yet released
         try:
             for offset, (entries, rows) in enumerate(schedule.batches):
                 batch = schedule.start + offset
                 # Blocks this batch needs are read now; later ones while memory allows.
                 due = int(np.searchsorted(first, batch, side="right"))
-                while submitted < len(first) and (submitted < due or len(decoded) < self.max_live_blocks):
-                    decoded[submitted] = pool.submit(lambda b: reader().read(b), schedule.entry_block[submitted])
+                while submitted < len(first) and (submitted < due or live < self.max_live_blocks):
+                    decoded[submitted] = pool.submit(read, blocks[submitted], heads[submitted])
+                    live += not heads[submitted]
                     submitted += 1
-                sources = {schedule.entry_block[e]: decoded[e].result() for e in entries.tolist()}
+                sources, head_sources = {}, {}
+                for entry in entries.tolist():
+                    (head_sources if heads[entry] else sources)[blocks[entry]] = decoded[entry].result()
                 out = {name: self.allocate(name, (len(rows),) + shape, dtype)
                        for name, (dtype, shape) in spec.outputs.items()}
-                result = builder.build(rows, sources.__getitem__, out)
+                result = builder.build(rows, sources.__getitem__, out,
+                                       lambda b: sources[b] if b in sources else head_sources[b])
                 sources.clear()  # so released blocks are freed now, not after the next batch's reads
+                head_sources.clear()
                 for entry in schedule.release_after.get(batch, ()):
                     del decoded[entry]
+                    live -= not heads[entry]
                 if result.size < len(rows):
                     out = {name: array[:result.size] for name, array in out.items()}
                 yield batch, self.finish(out), result.skipped

@@ -51,6 +51,28 @@ class BlockReader:
             return self.prepare(table, block_number)
         return {name: column_to_numpy(table.column(name), self.index.columns[name], where) for name in self.names}
 
+    def read_rows(self, block_number: int, batch_rows: int):
+        """The block's rows from its start, `batch_rows` at a time, as tables: for a
+        caller that needs only its first rows (Parquet decodes a row group page by
+        page, so stopping early skips the rest of it)."""
+        block = self.index.blocks[block_number]
+        data_file = self.index.files[block.file]
+        where = block.describe(self.index)
+        try:
+            reader = self._reader(block.file)
+            if data_file.kind == "parquet":
+                batches = reader.iter_batches(batch_size=batch_rows, row_groups=[block.part], columns=self.names,
+                                              use_threads=False)
+            else:  # memory-mapped: the whole record batch costs nothing to open
+                whole = reader.get_batch(block.part).select(self.names)
+                batches = (whole.slice(start, batch_rows) for start in range(0, whole.num_rows, batch_rows))
+            for batch in batches:
+                yield pa.Table.from_batches([batch])
+        except DataError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as error:
+            raise DataError(f"{where}: cannot read ({first_line(error)})") from None
+
     def close(self) -> None:
         for _, source in self._open.values():
             source.close()

@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from distprop.data.batch import BatchBuilder, BatchRows, prepare_block
+from distprop.data.batch import BatchBuilder, BatchRows, prepare_block, prepare_head
 from distprop.data.reader import BlockReader
 from distprop.data.shared_slots import SharedSlots
 from distprop.errors import UserError
@@ -33,6 +33,7 @@ def serve(connection: Connection, slots_fd: int, parent: int) -> None:
     slots = SharedSlots(setup["slots"], setup["slot_bytes"], fd=slots_fd)
     reader = BlockReader(spec.index, spec.read_columns, lambda table, block: prepare_block(spec, table, block))
     cache: OrderedDict[int, dict] = OrderedDict()
+    heads: OrderedDict[int, dict] = OrderedDict()  # the first tokens of blocks (packed)
 
     def block_of(block: int) -> dict:
         if block in cache:
@@ -42,6 +43,16 @@ def serve(connection: Connection, slots_fd: int, parent: int) -> None:
         if len(cache) > cache_blocks:
             cache.popitem(last=False)
         return prepared
+
+    def head_of(block: int) -> dict:  # packed tokens: a block that windows run on into
+        if block in cache:
+            return cache[block]
+        head = heads.get(block)
+        if head is None:
+            head = heads[block] = prepare_head(spec, reader, block)
+            if len(heads) > cache_blocks:
+                heads.popitem(last=False)
+        return head
 
     builder = None
     while True:
@@ -58,12 +69,13 @@ def serve(connection: Connection, slots_fd: int, parent: int) -> None:
         if kind == "epoch":
             builder = BatchBuilder(spec, message[1])
             cache.clear()
+            heads.clear()
             continue
         _, generation, batch, slot, blocks, bounds, local = message
         rows = BatchRows(np.asarray(blocks, np.int64), np.asarray(bounds, np.int64), np.asarray(local, np.int64))
         try:
             out = slots.arrays(slot, offsets, outputs, len(rows))
-            result = builder.build(rows, block_of, out)
+            result = builder.build(rows, block_of, out, head_of)
             del out
             reply = ("done", generation, batch, slot, result.size, result.skipped)
         except UserError as error:
