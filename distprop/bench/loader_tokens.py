@@ -11,7 +11,7 @@ cache:
 * distprop: one shuffled epoch of ``ArrowLoader(sequence_length=L, eos_token=...)``,
   every window as ``input_ids``/``labels`` (+ ``document_ids``), in-process
   (``num_workers=0``), with the loader's default number of block-reading threads
-  (one per usable core, at most 4; ``--read-threads`` to set it). pyarrow reads one
+  (one per usable core, at most 4; the common ``--read-threads`` sets it). pyarrow reads one
   column of one file on one thread whatever ``use_threads`` says (measured the same
   with and without), so that is its best; the loader reads row groups side by side.
 
@@ -41,8 +41,6 @@ def configure(parser) -> None:
     group.add_argument("--sequence-length", type=int, default=1024)
     group.add_argument("--token-batch-size", type=int, default=32, help="windows per batch")
     group.add_argument("--no-document-ids", action="store_true", help="measure without document_ids")
-    group.add_argument("--read-threads", type=int, default=None,
-                       help="the loader's block-reading threads (default: its own default)")
 
 
 def write_corpus(path: str, megabytes: float, mean_document: int, seed: int = 0) -> int:
