@@ -12,6 +12,7 @@ that the caller provides (plain arrays, or a shared-memory slot in a worker).
 from __future__ import annotations
 
 import fnmatch
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,8 +140,9 @@ def prepare_head(spec: BatchSpec, reader, block: int) -> dict:
     tokens, layout = spec.tokens, spec.packed
     average = max(1.0, layout.block_tokens[block] / max(1, spec.index.blocks[block].num_rows))
     batch_rows = int(2 * tokens.sequence_length / average) + 1  # about twice the documents needed
-    head = read_token_head(reader.read_rows(block, batch_rows), spec.index.columns[tokens.column], tokens,
-                           block_location(spec.index, block), tokens.sequence_length)
+    with closing(reader.read_rows(block, batch_rows)) as tables:  # the rest of the row group is never decoded
+        head = read_token_head(tables, spec.index.columns[tokens.column], tokens, block_location(spec.index, block),
+                               tokens.sequence_length)
     return {tokens.column: head}
 
 
