@@ -156,13 +156,14 @@ def test_cpu_ranks_pay_the_node_local_reduction_in_full_and_overlap_what_waits_o
     assert shm.exposed_s == pytest.approx(shm.allreduce_s) and shm.allreduce_s > 0
 
 
-def test_a_node_with_more_ranks_than_cores_runs_them_back_to_back():
+def test_a_node_with_more_ranks_than_cores_shares_them_out_evenly():
     work = _workload()
     shm = Fabric(name="shm", description="", intra=FAST, inter=FAST, ranks_per_node=1 << 30,
                  node_reduction=Link(alpha=0.0, beta=0.0))
     two, three = (predict(work, shm, "hier", p, host=Host(cores=2)) for p in (2, 3))
-    assert three.step_s == pytest.approx(2 * two.step_s)
+    assert three.step_s == pytest.approx(1.5 * two.step_s)  # each of 3 ranks has 2/3 of a core
     assert Host(cores=2, threads_per_rank=2).oversubscription(3) == 3
+    assert Host(cores=4).oversubscription(3) == 1
 
 
 def test_stragglers_add_the_expected_maximum_of_normal_deviations():
