@@ -17,15 +17,29 @@
 # runs (summary.txt). MUTATION_SAMPLE=10 (or 5, 2) tries only the mutants numbered
 # 10, 20, 30 ... (5, 10 ...; 2, 4 ...) in each function: a systematic sample for
 # groups whose full run does not fit one sitting (parallel: every mutant that
-# survives the single-process tests runs the MPI tests). Needs mutmut 3.8 and pytest-timeout
+# survives the single-process tests runs the MPI tests). MUTATION_SAMPLE_DIGIT=d
+# (default 0) takes another sample of the same size: the numbers equal to d modulo
+# MUTATION_SAMPLE (MUTATION_SAMPLE=10 MUTATION_SAMPLE_DIGIT=5: 5, 15, 25 ...; with
+# MUTATION_SAMPLE=5, d is 0 to 4; with 2, 0 or 1). Needs mutmut 3.8 and pytest-timeout
 # (pip install -e ".[test,mutation]").
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 workroot="${MUTATION_DIR:-/tmp/distprop-mutation}"
 jobs="${MUTATION_JOBS:-2}"
-case "${MUTATION_SAMPLE:-1}" in  # the last digits of the mutant numbers tried
-  1) sample="" ;; 2) sample="[02468]" ;; 5) sample="[05]" ;; 10) sample="0" ;;
-  *) echo "mutation.sh: MUTATION_SAMPLE is 1, 2, 5 or 10, not '$MUTATION_SAMPLE'" >&2; exit 2 ;;
+every="${MUTATION_SAMPLE:-1}" digit="${MUTATION_SAMPLE_DIGIT:-0}"
+case "$every" in 1|2|5|10) ;;
+  *) echo "mutation.sh: MUTATION_SAMPLE is 1, 2, 5 or 10, not '$every'" >&2; exit 2 ;;
+esac
+case "$digit" in [0-9]) ;; *) digit=10 ;; esac
+if [ "$digit" -ge "$every" ] && [ "$every" != 1 ]; then
+  echo "mutation.sh: MUTATION_SAMPLE_DIGIT is 0 to $((every - 1)) for MUTATION_SAMPLE=$every, not '${MUTATION_SAMPLE_DIGIT}'" >&2
+  exit 2
+fi
+case "$every" in  # the last digits of the mutant numbers tried: those equal to the digit modulo $every
+  1) sample="" ;;
+  2) sample="[$(seq -s '' "$digit" 2 9)]" ;;
+  5) sample="[$digit$((digit + 5))]" ;;
+  10) sample="$digit" ;;
 esac
 
 if [ "$(id -u)" = 0 ]; then  # Open MPI refuses to start as root without these
@@ -62,7 +76,8 @@ configure() {
       mutate=(distprop/parallel/communicator.py distprop/parallel/data_parallel.py distprop/parallel/reducer.py
               distprop/parallel/sync_batchnorm.py distprop/parallel/shm.py "distprop/parallel/transports/*")
       skip=("*nccl*")  # needs a GPU
-      tests=(tests/test_parallel_*.py tests/mutation_mpi.py) ;;
+      # test_scaling_transports.py: the transports' scheduling, the shared-memory one's modes, node barriers
+      tests=(tests/test_parallel_*.py tests/test_scaling_transports.py tests/mutation_mpi.py) ;;
     data)
       # the sampler, and the loader's resume state (the rest of the loader is I/O)
       mutate=(distprop/data/sampler.py distprop/data/loader.py)
@@ -109,15 +124,28 @@ run_group() {
   if [ -n "$sample" ]; then  # mutant names end in __mutmut_NUMBER
     if [ ${#names[@]} -eq 0 ]; then names=("*"); fi
     names=("${names[@]/%/$sample}")
-    echo "1 in ${MUTATION_SAMPLE} mutants" > sample
+    echo "1 in $every mutants, numbered *$sample" > sample
   fi
   echo "== mutation: $group ($(date -u +%FT%TZ), $jobs at a time${sample:+, mutants numbered *$sample}, in $dir)"
   local start=$SECONDS
   # The package under test is the mutated copy, also for subprocesses and MPI ranks.
   # (The folder must exist before Python starts, or it is never searched.)
   mkdir -p mutants
-  PYTHONPATH="$dir/mutants" DISTPROP_WATCHDOG_TIMEOUT=30 \
-    mutmut run --max-children "$jobs" "${names[@]}" > mutmut.log 2>&1 || { tail -c 3000 mutmut.log; exit 1; }
+  # mutmut's recording of which tests call which function (its first step) can crash
+  # the process it runs the tests in (a segfault in Python's contextvars, in threads
+  # the loader starts); run it again then: it keeps the mutants and the results it has.
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    local status=0
+    PYTHONPATH="$dir/mutants" DISTPROP_WATCHDOG_TIMEOUT=30 \
+      mutmut run --max-children "$jobs" "${names[@]}" > attempt.log 2>&1 || status=$?
+    cat attempt.log >> mutmut.log
+    [ "$status" = 0 ] && break
+    if [ "$attempt" = 5 ] || ! grep -q "Child exited with code -11" attempt.log; then
+      tail -c 3000 attempt.log; exit 1
+    fi
+    echo "mutation.sh: mutmut's process crashed (attempt $attempt); running it again" | tee -a mutmut.log
+  done
   echo "$(( (SECONDS - start + 59) / 60 ))" > minutes
   python "$repo/tests/mutation_report.py" --equivalents "$repo/tests/mutation_equivalents.txt" . | tee report.txt
   cd "$repo"

@@ -25,7 +25,7 @@ import pytest
 
 from distprop.launcher import job_environment, mpiexec_command
 
-MPI_TEST_FILES = ["tests/test_parallel_mpi.py", "tests/test_data_mpi.py"]
+MPI_TEST_FILES = ["tests/test_parallel_mpi.py", "tests/test_scaling_transports.py", "tests/test_data_mpi.py"]
 HITS_VARIABLE = "DISTPROP_MUTATION_HITS"
 RANKS = 2
 TIMEOUT_SECONDS = 240  # a mutant that hangs a collective is killed here (the watchdog usually ends it sooner)

@@ -112,3 +112,156 @@ def test_converting_to_sync_batchnorm_reaches_nested_modules_with_the_given_comm
     converted = [m for m in net.modules() if isinstance(m, nn.BatchNorm1d) or isinstance(m, SyncBatchNorm)]
     assert len(converted) == 2 and all(isinstance(m, SyncBatchNorm) and m.comm is single for m in converted)
     assert np.array_equal(net[1][1][0].running_mean, np.full(4, 7.0))  # the same buffers, carried over
+
+
+class TwoAlikeRanks(SingleProcessCommunicator):
+    """Two ranks on one node that hold the same values, played by one process: a sum
+    over the ranks is twice the local value, everything else is the local value. The
+    mean of the gradients is then the local gradient."""
+
+    size = local_size = 2
+
+    def allreduce_(self, array, op="sum"):
+        if op == "sum":
+            array *= 2
+        return array
+
+    def allgather_object(self, obj):
+        return [obj, obj]
+
+
+class ThreeBigParameters(nn.Module):
+    """Three parameters of 1.2 MB each; forward(c) = sum_i sum(p_i * c)."""
+
+    def __init__(self):
+        super().__init__()
+        for i in range(3):
+            setattr(self, f"p{i}", nn.Parameter(np.zeros(300_000, np.float32)))
+
+    def forward(self, scale):
+        return sum((p * scale).sum() for p in self.parameters())
+
+
+def test_on_host_arrays_a_gradient_of_1_mb_or_more_is_a_bucket_of_its_own_by_default():
+    model = DataParallel(ThreeBigParameters(), TwoAlikeRanks(), transport="thread")
+    try:
+        buckets = model.reducer.buckets
+        # reverse registration order; 1.2 MB each: two of them would fit the 25 MB bucket
+        assert [b.names for b in buckets] == [["p2"], ["p1"], ["p0"]]
+        assert all(b.in_place for b in buckets)
+        model(3.0).backward()
+        assert all(np.array_equal(p.grad, np.full(300_000, 3.0, np.float32)) for p in model.module.parameters())
+    finally:
+        model.close()
+
+
+def test_reducer_counts_synchronised_passes_and_the_seconds_they_cost(monkeypatch):
+    from types import SimpleNamespace
+
+    from distprop.parallel import reducer as reducer_module
+
+    ticks = iter(range(1_000_000))  # a clock that advances one second per reading
+    monkeypatch.setattr(reducer_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    dp.manual_seed(0)
+    net = nn.Linear(3, 2)
+    model = DataParallel(net, TwoAlikeRanks(), transport="thread")
+    reducer = model.reducer
+    try:
+        x = dp.tensor(np.ones((4, 3), np.float32))
+        net(x).sum().backward()  # not through the wrapper: nothing to synchronise
+        assert reducer.steps == 0 and reducer.sync_seconds == 0.0
+        with model.no_sync():
+            model(x).sum().backward()
+        assert reducer.steps == 0 and reducer.sync_seconds == 0.0
+        for step in (1, 2):
+            net.zero_grad()
+            model(x).sum().backward()
+            np.testing.assert_allclose(net.bias.grad, [4.0, 4.0])  # the mean of two alike ranks
+            # one second in each of the two gradient hooks, one waiting at the end of the pass
+            assert reducer.steps == step and reducer.sync_seconds == 3.0 * step
+    finally:
+        model.close()
+
+
+def test_closing_the_wrapper_stops_offering_its_buffers_and_its_thread():
+    import threading
+
+    dp.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    model = DataParallel(net, TwoAlikeRanks(), transport="thread")
+    assert all(p.grad_buffer is not None for p in net.parameters())  # small gradients share a bucket
+    thread = model.reducer.transport._thread
+    assert thread.is_alive() and thread.name == "distprop-thread-allreduce"
+    model.close()
+    assert all(p.grad_buffer is None for p in net.parameters()) and not thread.is_alive()
+    assert model.reducer is None
+
+
+class OneNodeRank(TwoAlikeRanks):
+    """This rank's view of a job whose nodes hold `node_sizes` ranks (this one the
+    first), for the checks that choose the shared-memory transport."""
+
+    mpi_comm = None  # what marks an MPI communicator
+
+    def __init__(self, node_sizes):
+        self.node_sizes = node_sizes
+        self.local_size = node_sizes[0]
+
+    def allreduce(self, value, op="sum"):
+        if isinstance(value, np.ndarray) and op == "max":  # this rank's array, and the other nodes' ranks'
+            return np.max([value] + [[n, -n] for n in self.node_sizes[1:]], axis=0)
+        return value
+
+
+def test_shared_memory_is_chosen_where_every_node_has_as_many_ranks_and_room(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from distprop.parallel.compression import get_compression
+    from distprop.parallel.transports import _shm_applies
+
+    layouts = [(1000, np.float32), (10, np.float64)]
+    per_rank = (1000 * 4 + 64) + (10 * 8 + 64)  # each bucket may start a cache line further on
+    room = {"bytes": 1 << 30}
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=room["bytes"], f_frsize=1))
+    none = get_compression(None)
+    assert _shm_applies(OneNodeRank([2, 2]), layouts, none)
+    assert _shm_applies(OneNodeRank([3, 3, 3]), layouts, none)
+    assert not _shm_applies(OneNodeRank([2, 1]), layouts, none)  # chunks are matched across nodes
+    assert not _shm_applies(OneNodeRank([2, 3]), layouts, none)
+    assert not _shm_applies(OneNodeRank([1, 1]), layouts, none)  # no node to share
+    assert not _shm_applies(OneNodeRank([2, 2]), layouts, get_compression("fp16"))
+    assert not _shm_applies(TwoAlikeRanks(), layouts, none)  # not MPI
+    # /dev/shm must hold twice the node's buffers
+    room["bytes"] = 2 * 2 * per_rank
+    assert not _shm_applies(OneNodeRank([2, 2]), layouts, none)
+    room["bytes"] += 1
+    assert _shm_applies(OneNodeRank([2, 2]), layouts, none)
+
+
+def test_compressed_gradients_are_reduced_with_the_thread_transport_when_none_is_named():
+    from distprop.parallel.compression import get_compression
+    from distprop.parallel.transports import make_transport
+
+    for compression in ("fp16", "bf16"):
+        transport = make_transport(None, TwoAlikeRanks(), False, [(10, np.float32)], get_compression(compression))
+        try:
+            assert transport.name == "thread"
+        finally:
+            transport.close()
+
+
+def test_spare_cores_are_those_the_node_or_the_binding_leaves_beside_the_compute_threads(monkeypatch):
+    import os
+
+    from distprop.parallel.transports import shm as shm_transport
+
+    comm = TwoAlikeRanks()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # not bound
+    monkeypatch.setattr(shm_transport, "get_num_threads", lambda: 3)
+    assert shm_transport.spare_cores(comm) == (8 - 2 * 3) / 2  # no threads set on the communicator
+    comm.threads = 2
+    assert shm_transport.spare_cores(comm) == (8 - 2 * 2) / 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # bound to 3 cores
+    assert shm_transport.spare_cores(comm) == 3 - 2
