@@ -104,10 +104,11 @@ def test_gradient_of_rank_averages_to_mean_rank_twice(comm, wrap, device, case, 
         agree(comm, ok, f"gradients {[np.unique(g) for g in grads]} != {expected}")
 
 
+@pytest.mark.parametrize("transport", ["thread", "iallreduce"])
 @pytest.mark.parametrize("compression, tolerance", [("fp16", 1e-3), ("bf16", 1e-2)])
-def test_compressed_allreduce_is_close_to_the_mean(comm, wrap, compression, tolerance):
+def test_compressed_allreduce_is_close_to_the_mean(comm, wrap, compression, tolerance, transport):
     bag = ParamBag([(1000,), (300, 300)], np.float32)
-    model = wrap(bag, compression=compression, transport="thread")
+    model = wrap(bag, compression=compression, transport=transport)
     scale = 1000.0 * (comm.rank + 1)  # large: a sum of fp16 values would lose more
     model(scale).backward()
     expected = 1000.0 * (comm.size + 1) / 2
@@ -290,6 +291,36 @@ def test_reproducible_mode_is_bitwise_independent_of_rank_count(comm, micro_shar
     loss = model.reproducible_backward(loss_fn, x[mine], y[mine])
     identical = all(np.array_equal(p.grad, q.grad) for p, q in zip(net.parameters(), single_net.parameters()))
     agree(comm, identical and loss == single_loss, "reproducible gradients differ from one rank's")
+
+
+def test_reproducible_backward_first_gives_every_rank_rank_0s_buffers(comm):
+    from distprop.parallel import SingleProcessCommunicator
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+            self.register_buffer("shift", np.zeros(2))
+
+        def forward(self, x):
+            return self.linear(x) + dp.tensor(self.shift)
+
+    def loss_fn(module, xb):
+        return (module(dp.tensor(xb)) ** 2).mean()
+
+    x = np.random.default_rng(3).standard_normal((12, 3))
+    dp.manual_seed(0)
+    reference = Shifted()
+    reference.shift[...] = 1.0
+    expected = DataParallel(reference, SingleProcessCommunicator(), reproducible=True, micro_shards=12
+                            ).reproducible_backward(loss_fn, x)
+    dp.manual_seed(comm.rank)
+    net = Shifted()
+    model = DataParallel(net, comm, reproducible=True, micro_shards=12)
+    net.shift[...] = comm.rank + 1  # replicas drift apart between steps ...
+    share = 12 // comm.size
+    loss = model.reproducible_backward(loss_fn, x[comm.rank * share:(comm.rank + 1) * share])
+    agree(comm, np.all(net.shift == 1.0) and loss == expected, f"shift {net.shift}, loss {loss} != {expected}")
 
 
 def test_metrics_are_averaged_and_summed(comm):

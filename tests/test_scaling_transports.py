@@ -121,6 +121,28 @@ def test_a_failed_reduction_is_reported_by_its_work_on_either_thread(background)
         transport.close()
 
 
+class Interrupted(BlockingTransport):
+    name = "interrupted"
+
+    def reduce(self, bucket, idle):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_while_the_training_thread_reduces_is_raised_there():
+    """Ctrl-C during the reductions at the end of backward stops training; the works
+    still report the failure to whoever waits for them."""
+    transport = Interrupted(background=False)
+    try:
+        works = [transport.start(FakeBucket(i)) for i in range(2)]
+        with pytest.raises(KeyboardInterrupt):
+            transport.finish()
+        for work in works:
+            with pytest.raises(RuntimeError, match=f"allreduce of bucket {work.bucket.index} failed"):
+                work.wait()
+    finally:
+        transport.close()
+
+
 @pytest.fixture(scope="module")
 def node():
     import distprop as dp
@@ -229,6 +251,35 @@ def test_shm_transport_averages_every_bucket_alike_with_and_without_its_thread(n
                 _agree(comm, np.array_equal(bucket.buffer, rank0), f"step {step} bucket {i} differs from rank 0's")
     finally:
         transport.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_shm_reductions_tell_the_watchdog_which_buckets_they_reduce(node, monkeypatch, overlap):
+    """What a hung reduction is reported as: its bucket, or the run of buckets reduced
+    at once at the end of backward."""
+    import contextlib
+
+    from distprop.parallel.transports.shm import ShmTransport
+
+    comm, _ = node
+    named = []
+    monkeypatch.setattr(comm, "_guard", lambda what: named.append(what) or contextlib.nullcontext())
+    transport = ShmTransport(comm, LAYOUTS, overlap=overlap)
+    named.clear()  # the collectives that set it up
+    try:
+        works = [transport.start(Bucket(i, transport.buffer(i))) for i in range(len(LAYOUTS))]
+        transport.finish()
+        for work in works:
+            work.wait()
+    finally:
+        transport.close()
+        monkeypatch.undo()
+    if overlap:
+        expected = [f"shared-memory allreduce of bucket {i}" for i in range(len(LAYOUTS))]
+    else:
+        expected = [f"shared-memory allreduce of buckets 0-{len(LAYOUTS) - 1}"]
+    _agree(comm, named == expected, f"tracked as {named}")
 
 
 @pytest.mark.mpi(min_size=2)
