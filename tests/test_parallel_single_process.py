@@ -265,3 +265,45 @@ def test_spare_cores_are_those_the_node_or_the_binding_leaves_beside_the_compute
     assert shm_transport.spare_cores(comm) == (8 - 2 * 2) / 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # bound to 3 cores
     assert shm_transport.spare_cores(comm) == 3 - 2
+
+
+def test_communicator_reductions_return_new_values_of_the_right_kind(single):
+    a = np.array([1.5, 2.5], np.float32)
+    total = single.allreduce(a)
+    assert total is not a and total.tolist() == [1.5, 2.5]  # a new array: the input is left alone
+    assert single.allreduce(a, "mean").dtype == np.float32  # floats keep their precision
+    assert single.allreduce(2.5) == 2.5 and isinstance(single.allreduce(2.5, "max"), float)
+
+
+def test_sync_batchnorm_keeps_its_options():
+    from distprop.parallel import SyncBatchNorm
+
+    plain = SyncBatchNorm(3, affine=False)
+    assert plain.weight is None and plain.bias is None and plain.running_mean is not None
+    untracked = SyncBatchNorm(3, track_running_stats=False)
+    assert untracked.weight is not None and untracked.running_mean is None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_sync_batchnorm_over_two_alike_ranks_is_batch_norm_over_both_batches(momentum):
+    """The global batch of two ranks that hold x each is x twice: the same mean and
+    variance, but running_var's unbiased estimate counts 2n values."""
+    from distprop.parallel import SyncBatchNorm
+
+    x = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float64) * 2 + 1
+    sync = SyncBatchNorm(3, momentum=momentum, comm=TwoAlikeRanks()).to(dtype=np.float64)
+    reference = nn.BatchNorm1d(3, momentum=momentum).to(dtype=np.float64)
+    for step in range(2):
+        y = sync(dp.tensor(x))
+        y_ref = reference(dp.tensor(np.concatenate([x, x])))
+        np.testing.assert_allclose(y.data, y_ref.data[:4], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sync.running_mean, reference.running_mean, rtol=1e-12)
+    np.testing.assert_allclose(sync.running_var, reference.running_var, rtol=1e-12)
+    assert int(sync.num_batches_tracked) == 2
+    sync.eval(), reference.eval()
+    np.testing.assert_allclose(sync(dp.tensor(x)).data, reference(dp.tensor(x)).data, rtol=1e-12)
+    np.testing.assert_allclose(sync.running_mean, reference.running_mean, rtol=1e-12)  # evaluation leaves them
+    sync.train()
+    with pytest.raises(ValueError, match=r"^SyncBatchNorm: expected more than 1 value per channel over all ranks, "
+                                         r"got 0$"):
+        sync(dp.tensor(np.zeros((0, 3))))

@@ -143,6 +143,32 @@ def test_an_interrupt_while_the_training_thread_reduces_is_raised_there():
         transport.close()
 
 
+class LargeNode:
+    """Local rank 0 of a node communicator with `size` ranks, the others silent."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return self.size
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def allgather(self, obj):
+        return [obj] * self.size
+
+
+def test_a_node_barrier_refuses_more_ranks_than_a_one_byte_token_can_name():
+    from distprop.parallel.shm import NodeBarrier
+
+    with pytest.raises(OSError, match=r"^a node barrier serves at most 256 ranks, this node has 257$"):
+        NodeBarrier(LargeNode(257))
+
+
 @pytest.fixture(scope="module")
 def node():
     import distprop as dp
