@@ -128,11 +128,35 @@ def test_a_head_is_read_only_as_far_as_a_window_needs(tmp_path):
             yield table
 
     options = TokenOptions("tokens", 25, eos_token=0)
-    head = read_token_head(tables(), loader.index.columns["tokens"], options, "t.parquet (row group 0)", 25)
+    head = read_token_head(tables(), loader.index.columns["tokens"], options, "t.parquet (row group 0)", 25,
+                           1100)
     assert taken == [2, 2]  # 44 tokens >= 25: the other 96 rows are never decoded
-    assert head.tokens.tolist() == sum(([d] * 10 + [0] for d in range(1, 5)), [])
-    assert head.starts.tolist() == [0, 11, 22, 33, 44]
+    # Cut to the 25 tokens a window can take (the third document's first 3), so a long
+    # first document does not stay in memory whole.
+    assert head.tokens.tolist() == [1] * 10 + [0] + [2] * 10 + [0] + [3] * 3
+    assert head.starts.tolist() == [0, 11, 22, 25]
     reader.close()
+
+
+def test_a_row_group_read_only_as_a_head_is_still_checked_against_its_footer(tmp_path):
+    """A row group no window starts in (shorter than a window) is only ever read as the
+    head of the windows crossing it: a file changed since the loader read its footer is
+    refused there as in a full read, not packed into wrong windows."""
+    path = tmp_path / "t.arrow"
+
+    def write(docs):
+        table = pa.table({"tokens": pa.array(docs, pa.list_(pa.int32()))})
+        with pa.ipc.new_file(path, table.schema) as writer:
+            for doc in docs:  # one record batch per document
+                writer.write_batch(pa.record_batch({"tokens": pa.array([doc], pa.list_(pa.int32()))}))
+
+    write([list(range(1, 12)), [50, 51, 52], list(range(100, 120))])
+    loader = ArrowLoader(tmp_path, 1, sequence_length=10, eos_token=0, shuffle=False)
+    assert loader._spec.packed.samples_per_block.tolist() == [2, 0, 1]  # nothing starts in record batch 1
+    write([list(range(1, 12)), [50, 51, 52, 53, 54, 55], list(range(100, 120))])
+    with pytest.raises(DataError, match=r"record batch 1\): column 'tokens' holds 7 tokens but the file's footer "
+                                        r"counts 4"):
+        list(loader)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -134,15 +134,15 @@ def prepare_block(spec: BatchSpec, table: pa.Table, block: int) -> dict:
 
 
 def prepare_head(spec: BatchSpec, reader, block: int) -> dict:
-    """The first sequence_length tokens of packed block `block`, read through `reader`
-    (a `BlockReader`) a few documents at a time: what windows starting in the block
-    before take from it."""
+    """The first sequence_length tokens of packed block `block` (see `read_token_head`),
+    read through `reader` (a `BlockReader`) a few documents at a time: what windows
+    starting in the block before take from it."""
     tokens, layout = spec.tokens, spec.packed
     average = max(1.0, layout.block_tokens[block] / max(1, spec.index.blocks[block].num_rows))
     batch_rows = int(2 * tokens.sequence_length / average) + 1  # about twice the documents needed
-    with closing(reader.read_rows(block, batch_rows)) as tables:  # the rest of the row group is never decoded
+    with closing(reader.read_rows(block, batch_rows)) as tables:  # stopped early, the rest is not decoded
         head = read_token_head(tables, spec.index.columns[tokens.column], tokens, block_location(spec.index, block),
-                               tokens.sequence_length)
+                               tokens.sequence_length, int(layout.block_tokens[block]))
     return {tokens.column: head}
 
 

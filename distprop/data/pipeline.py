@@ -31,7 +31,7 @@ class Schedule:
     re-sharded stretch) reads it again rather than pinning it in memory.
     """
 
-    _CHUNK = 4096  # batches grouped in one vectorised pass
+    _CHUNK_SAMPLES = 1 << 18  # samples grouped in one vectorised pass (a few MB of index arrays)
 
     def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int):
         self.start = start
@@ -43,9 +43,10 @@ class Schedule:
         horizon = -(-window * int(spec.samples_per_block.max()) // plan.batch_size) + 1
         current: dict[tuple[int, bool], int] = {}  # (block, head) -> its open entry
         entry_last: list[int] = []
-        for first in range(start, plan.num_batches, self._CHUNK):
+        chunk = max(1, self._CHUNK_SAMPLES // plan.batch_size)
+        for first in range(start, plan.num_batches, chunk):
             for batch, blocks, heads, rows in self._group(spec, order, plan, first,
-                                                          min(first + self._CHUNK, plan.num_batches)):
+                                                          min(first + chunk, plan.num_batches)):
                 entries = []
                 for key in [(b, False) for b in blocks.tolist()] + [(b, True) for b in heads]:
                     entry = current.get(key)
@@ -137,15 +138,12 @@ class BatchProducer:
                     decoded[submitted] = pool.submit(read, blocks[submitted], heads[submitted])
                     live += not heads[submitted]
                     submitted += 1
-                sources, head_sources = {}, {}
-                for entry in entries.tolist():
-                    (head_sources if heads[entry] else sources)[blocks[entry]] = decoded[entry].result()
+                # A batch reads a block whole or only its head, never both (Schedule).
+                sources = {blocks[e]: decoded[e].result() for e in entries.tolist()}
                 out = {name: self.allocate(name, (len(rows),) + shape, dtype)
                        for name, (dtype, shape) in spec.outputs.items()}
-                result = builder.build(rows, sources.__getitem__, out,
-                                       lambda b: sources[b] if b in sources else head_sources[b])
+                result = builder.build(rows, sources.__getitem__, out)
                 sources.clear()  # so released blocks are freed now, not after the next batch's reads
-                head_sources.clear()
                 for entry in schedule.release_after.get(batch, ()):
                     del decoded[entry]
                     live -= not heads[entry]

@@ -54,7 +54,8 @@ class BlockReader:
     def read_rows(self, block_number: int, batch_rows: int):
         """The block's rows from its start, `batch_rows` at a time, as tables: for a
         caller that needs only its first rows (Parquet decodes a row group page by
-        page, so stopping early skips the rest of it)."""
+        page, so stopping early leaves the rest undecoded; its bytes are fetched
+        all the same)."""
         block = self.index.blocks[block_number]
         data_file = self.index.files[block.file]
         where = block.describe(self.index)

@@ -25,8 +25,7 @@ an error unless ``truncate=True``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -140,61 +139,27 @@ class PackedLayout:
         return np.searchsorted(self.token_starts, samples * length + length, side="right") - 1
 
 
+@dataclass
 class TokenBlock:
-    """One block's documents as a stretch of T: packed, each followed by the end token
-    (`eos_token`, if any). Made from the rows as read, without a copy; what assembly
-    needs is derived from them on first use, by whoever assembles batches (so a reader
-    thread only reads):
+    """One block's documents, their tokens back to back (packed: each followed by the end
+    token, if any, so `tokens` is the block's stretch of T); document i starts at
+    ``starts[i]`` (``starts[-1]`` is the end)."""
 
-    * ``tokens``: the stretch of T, ``starts``: where document i starts in it
-      (``starts[-1]`` is the end);
-    * per token, ``document_index`` (its document's number in the block) and
-      ``position`` (its place in its document);
-    * `windows`: one of those as the rows of a strided view, one row per window.
-    """
+    tokens: np.ndarray
+    starts: np.ndarray
+    _views: dict = field(default_factory=dict, repr=False)
 
-    def __init__(self, values: np.ndarray, offsets: np.ndarray, eos_token: int | None):
-        self.values, self.offsets, self.eos_token = values, offsets, eos_token
-        self.size = int(offsets[-1]) + (len(offsets) - 1 if eos_token is not None else 0)
-        self._windows: dict[tuple[str, int], np.ndarray] = {}
-
-    @cached_property
-    def starts(self) -> np.ndarray:
-        if self.eos_token is None:
-            return self.offsets
-        return self.offsets + np.arange(len(self.offsets))  # each earlier document has gained an end token
-
-    @cached_property
-    def tokens(self) -> np.ndarray:
-        if self.eos_token is None:
-            return self.values
-        tokens = np.empty(self.size, self.values.dtype)
-        ends = self.starts[1:] - 1
-        keep = np.ones(self.size, bool)
-        keep[ends] = False
-        tokens[keep] = self.values
-        tokens[ends] = self.eos_token
-        return tokens
-
-    @cached_property
-    def document_index(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.starts) - 1, dtype=np.int32), np.diff(self.starts))
-
-    @cached_property
-    def position(self) -> np.ndarray:
-        return np.arange(self.size, dtype=np.int32) - np.repeat(self.starts[:-1].astype(np.int32),
-                                                                np.diff(self.starts))
-
-    def windows(self, name: str, first: int, length: int, shift: int = 0) -> np.ndarray:
-        """``name`` (tokens, document_index, position) as ``(windows, length)``: row k is
-        ``name[first + shift + k*length:][:length]``, for every window that ends inside
-        the block (its label included)."""
-        view = self._windows.get((name, shift))
+    def windows(self, first: int, length: int, shift: int) -> np.ndarray:
+        """``tokens`` as ``(windows, length)``: row k is ``tokens[first + shift + k*length:]
+        [:length]``, for every window starting at ``first + k*length`` that ends inside the
+        block (its label included). A strided view, made once per block."""
+        key = (first, length, shift)
+        view = self._views.get(key)
         if view is None:
-            array = getattr(self, name)
-            count = max(0, (self.size - 1 - first) // length)
-            view = self._windows[(name, shift)] = np.lib.stride_tricks.as_strided(
-                array[first + shift:], (count, length), (length * array.itemsize, array.itemsize), writeable=False)
+            count = max(0, (len(self.tokens) - 1 - first) // length)
+            view = self._views[key] = np.lib.stride_tricks.as_strided(
+                self.tokens[first + shift:], (count, length), (length * self.tokens.itemsize, self.tokens.itemsize),
+                writeable=False)
         return view
 
 
@@ -220,19 +185,33 @@ def read_token_block(column, spec, options: TokenOptions, where: str, expected_t
     """A block of the token column, checked, as a stretch of T (packing) or as rows."""
     rows = sequence_rows(column, spec, where)
     check_documents(rows, options, where, options.column)
-    block = TokenBlock(rows.values, rows.offsets, options.eos_token if options.pack else None)
-    if options.pack and expected_tokens is not None and block.size != expected_tokens:
-        raise DataError(f"{where}: column {options.column!r} holds {block.size} tokens but the file's footer "
+    if not options.pack or options.eos_token is None:
+        tokens, starts = rows.values, rows.offsets
+    else:
+        count = len(rows)
+        starts = rows.offsets + np.arange(count + 1)  # each earlier document has gained an end token
+        tokens = np.empty(int(starts[-1]), rows.values.dtype)
+        ends = starts[1:] - 1
+        keep = np.ones(len(tokens), bool)
+        keep[ends] = False
+        tokens[keep] = rows.values
+        tokens[ends] = options.eos_token
+    if options.pack and expected_tokens is not None and len(tokens) != expected_tokens:
+        raise DataError(f"{where}: column {options.column!r} holds {len(tokens)} tokens but the file's footer "
                         f"counts {expected_tokens} (was the file changed after the loader was built?)")
-    return block
+    return TokenBlock(tokens, starts)
 
 
-def read_token_head(tables, column_spec, options: TokenOptions, where: str, needed: int) -> TokenBlock:
-    """The block's first documents, at least `needed` tokens of T (or all of it), from
-    `tables`: its rows from the start, a few at a time. A window starting in the block
-    before takes at most sequence_length tokens from this one, so this is all of it
-    that window needs; reading the whole row group for it would cost an extra full read
-    of the block whenever its own turn is far away in the shuffled order."""
+def read_token_head(tables, column_spec, options: TokenOptions, where: str, needed: int,
+                    expected_tokens: int | None) -> TokenBlock:
+    """The block's first `needed` tokens of T (all of it, if shorter), from `tables`: its
+    rows from the start, a few at a time. A window starting in the block before takes
+    at most sequence_length tokens from this one; decoding the whole row group for it,
+    whose own turn may be far away in the shuffled order, would cost most of a second
+    full read. (Parquet stores a row group's pages back to back and stops decoding
+    early, but the rows are whole documents: a long first document is read whole.)
+    Where the rows run out first, the head is the whole block, and is checked against
+    `expected_tokens` (the footer's count) as a full read would be."""
     chunks, tokens = [], 0
     for table in tables:
         for chunk in table.column(options.column).chunks:
@@ -240,19 +219,22 @@ def read_token_head(tables, column_spec, options: TokenOptions, where: str, need
             chunks.append(chunk)
             tokens += int(offsets[-1] - offsets[0]) + (len(chunk) if options.eos_token is not None else 0)
         if tokens >= needed:
+            expected_tokens = None  # stopped early: only part of the block
             break
-    rows = pa.chunked_array(chunks, type=chunks[0].type) if chunks else pa.array([], pa.list_(pa.int32()))
-    return read_token_block(rows, column_spec, options, where, None)
+    head = read_token_block(pa.chunked_array(chunks, type=chunks[0].type), column_spec, options, where,
+                            expected_tokens)
+    if len(head.tokens) <= needed:
+        return head
+    # Only what windows take: a copy, so the rest of a long document is freed now.
+    inside = head.starts[:int(np.searchsorted(head.starts, needed, side="left"))]
+    return TokenBlock(head.tokens[:needed].copy(), np.append(inside, needed))
 
 
 class PackedAssembler:
     """Fills packed windows into a batch from token blocks: `block_of(b)` is the
     prepared block ``b`` (its TokenBlock under the token column's name), `head_of(b)`
-    the same or only the block's first documents (see `read_token_head`), for the
-    blocks that windows run on into."""
-
-    _DERIVED = {"input_ids": ("tokens", 0), "labels": ("tokens", 1), "document_ids": ("document_index", 0),
-                "positions": ("position", 0)}
+    the same or only the block's first tokens (see `read_token_head`), for the blocks
+    that windows run on into."""
 
     def __init__(self, layout: PackedLayout):
         self.layout, self.options = layout, layout.options
@@ -262,48 +244,71 @@ class PackedAssembler:
         """Write windows `samples` (in batch order) into rows ``0..len(samples)-1`` of the
         outputs; `groups` are ``(block, lo, hi)``: rows lo..hi-1 start in that block."""
         layout, column, length = self.layout, self.options.column, self.length
-        outputs = [(out[name], source, shift) for name, (source, shift) in self._DERIVED.items() if name in out]
+        starts = samples * length
+        touched = {}  # blocks whose document starts the windows may cross -> their TokenBlock
         for block, lo, hi in groups:
-            tokens = block_of(block)[column]
+            tokens = touched[block] = block_of(block)[column]
             first = int(layout.first_offset[block])
             number = samples[lo:hi] - layout.first_window[block]  # the windows' places in the block
             # The windows starting in a block lie every `length` tokens: gathered as rows
             # of strided views, one np.take per output (mode="clip" writes straight into
             # the output); the few that run past the block's end are clipped there and
             # written again below.
-            for target, source, shift in outputs:
-                windows = tokens.windows(source, first, length, shift)
-                if len(windows):
-                    np.take(windows, number, axis=0, out=target[lo:hi], mode="clip")
-            if "document_ids" in out:  # numbered from 0 within each window
-                out["document_ids"][lo:hi] -= out["document_ids"][lo:hi, :1]
-            for row in (np.flatnonzero(number >= len(tokens.windows("tokens", first, length))) + lo).tolist():
-                self._spanning(row, int(samples[row]) * length, block, tokens, head_of, out)
+            fitting = 0
+            for name, shift in (("input_ids", 0), ("labels", 1)):
+                windows = tokens.windows(first, length, shift)
+                fitting = len(windows)
+                if fitting:
+                    windows.take(number, axis=0, out=out[name][lo:hi], mode="clip")
+            for row in (np.flatnonzero(number >= fitting) + lo).tolist():  # run on into the next block(s)
+                window = self._spanning(int(starts[row]), block, tokens, head_of, touched)
+                out["input_ids"][row], out["labels"][row] = window[:-1], window[1:]
+        if "document_ids" in out or "positions" in out:
+            # Blocks in dataset order hold T in order, so their starts concatenate sorted
+            # (a head's are the first of its block's).
+            boundaries = np.concatenate([touched[b].starts[:-1] + layout.token_starts[b] for b in sorted(touched)])
+            self._documents(starts, boundaries, out)
 
-    def _spanning(self, row: int, start: int, block: int, tokens: TokenBlock, head_of, out: dict) -> None:
-        """Write the window at `start` (in T) into batch row `row`: it starts in `block`
-        (`tokens`) and runs on into the next block(s), each of which starts a document."""
-        pieces, stop = [], start + self.length + 1  # (block's tokens, offset, count)
+    def _spanning(self, start: int, block: int, tokens: TokenBlock, head_of, touched: dict) -> np.ndarray:
+        """The window at `start` (in T), which starts in `block` (`tokens`) and runs on into
+        the next block(s); those are added to `touched`."""
+        pieces, stop = [], start + self.length + 1
         offset = start - int(self.layout.token_starts[block])
-        while start < stop:
-            take = min(stop - start, tokens.size - offset)
+        while True:
+            take = min(stop - start, len(tokens.tokens) - offset)
             if take > 0:
-                pieces.append((tokens, offset, take))
+                pieces.append(tokens.tokens[offset:offset + take])
                 start += take
+            if start >= stop:
+                return np.concatenate(pieces)
             block, offset = block + 1, 0
-            if start < stop:
-                tokens = head_of(block)[self.options.column]
-        window = np.concatenate([t.tokens[o:o + n] for t, o, n in pieces])
-        out["input_ids"][row], out["labels"][row] = window[:-1], window[1:]
+            tokens = touched.get(block) or head_of(block)[self.options.column]
+            touched[block] = tokens
+
+    def _documents(self, starts: np.ndarray, boundaries: np.ndarray, out: dict) -> None:
+        """document_ids and positions of every window, from the sorted global start
+        offsets of all documents the windows touch. A window is cut into segments at the
+        document starts inside it; each output is written in one pass, segment by
+        segment (np.repeat): the segment's number, and its tokens' places counted from
+        the segment's document start."""
+        count, length = len(starts), self.length
+        first = np.searchsorted(boundaries, starts, side="right")   # the first start after each window's first token
+        inside = np.searchsorted(boundaries, starts + length, side="left") - first
+        segments = inside + 1
+        window = np.repeat(np.arange(count), segments)
+        number = np.arange(len(window)) - np.repeat(np.cumsum(segments) - segments, segments)  # 0, 1, .. per window
+        # The start column of each segment: 0, then each document start inside the window.
+        column = np.zeros(len(window), np.int64)
+        later = number > 0
+        column[later] = boundaries[np.repeat(first, segments)[later] + number[later] - 1] - starts[window[later]]
+        lengths = np.diff(np.append(column + window * length, count * length))
         if "document_ids" in out:
-            numbers, base = [], 0
-            for t, o, n in pieces:
-                index = t.document_index[o:o + n]
-                numbers.append(index - index[0] + base)
-                base = int(numbers[-1][-1]) + 1
-            out["document_ids"][row] = np.concatenate(numbers)[:self.length]
+            out["document_ids"][:count] = np.repeat(number.astype(np.int32), lengths).reshape(count, length)
         if "positions" in out:
-            out["positions"][row] = np.concatenate([t.position[o:o + n] for t, o, n in pieces])[:self.length]
+            # A window's first segment continues a document that began before it (a start <= 0).
+            begun = np.where(later, column, (boundaries[first - 1] - starts)[window])
+            places = np.tile(np.arange(length), count) - np.repeat(begun, lengths)
+            out["positions"][:count] = places.reshape(count, length)
 
 
 def fill_padded(tokens: TokenBlock, row: int, options: TokenOptions, out: dict[str, np.ndarray], j: int,
