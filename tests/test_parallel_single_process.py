@@ -1,6 +1,8 @@
 """distprop.parallel in one process: the size-1 communicator, DataParallel without a
 reducer, and the argument checks that come before any communication."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -307,3 +309,48 @@ def test_sync_batchnorm_over_two_alike_ranks_is_batch_norm_over_both_batches(mom
     with pytest.raises(ValueError, match=r"^SyncBatchNorm: expected more than 1 value per channel over all ranks, "
                                          r"got 0$"):
         sync(dp.tensor(np.zeros((0, 3))))
+
+
+def test_buffers_packed_for_one_broadcast_per_dtype_come_back_to_their_owners():
+    """On two alike ranks rank 0's buffers are this rank's: unpacking the broadcast
+    must give each buffer its own values back, whatever their sizes and dtypes."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    rng = np.random.default_rng(7)
+    for module in (net[1], net[3]):
+        module.running_mean[...] = rng.standard_normal(module.running_mean.shape)
+        module.running_var[...] = rng.uniform(1, 2, module.running_var.shape)
+        module.num_batches_tracked[...] = rng.integers(1, 100)
+    before = {name: buffer.copy() for name, buffer in net.named_buffers()}
+    model = DataParallel(net, TwoAlikeRanks(), transport="thread")
+    try:
+        for _ in range(2):  # at wrapping, then before each training forward
+            assert all(np.array_equal(buffer, before[name]) for name, buffer in net.named_buffers())
+            model(dp.tensor(np.ones((4, 3), np.float32)))
+            before = {name: buffer.copy() for name, buffer in net.named_buffers()}
+    finally:
+        model.close()
+
+
+class OtherRank1(TwoAlikeRanks):
+    """Rank 1 describes its model as `change` makes it from this rank's description."""
+
+    def __init__(self, change):
+        self.change = change
+
+    def allgather_object(self, obj):
+        return [obj, self.change(obj)]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s[:-1], "rank 1 has 1 parameters and buffers, rank 0 has 2 (first missing: 'bias')"),
+    (lambda s: s + [("buffer", "extra", (1,), "float32", "cpu", None)],
+     "rank 1 has 3 parameters and buffers, rank 0 has 2 (first extra: 'extra')"),
+    (lambda s: [s[0], ("parameter", "bias", (2,), "float64", "cpu", True)],
+     "rank 1 has parameter 'bias' of shape (2,) float64, rank 0 has (2,) float32"),
+])
+def test_a_model_that_differs_on_rank_1_is_described_in_full(change, problem):
+    from distprop.parallel import ModelMismatchError
+
+    message = f"DataParallel: the model differs between ranks (compared with rank 0): {problem}"
+    with pytest.raises(ModelMismatchError, match=f"^{re.escape(message)}$"):
+        DataParallel(nn.Linear(3, 2), OtherRank1(change))
