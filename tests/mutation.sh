@@ -92,7 +92,7 @@ configure() {
              "distprop.data.loader.xǁ_LoaderIteratorǁ*")
       # the worker-process and token paths of __iter__ and load_state_dict have their own files
       tests=(tests/test_data_sampler.py tests/test_data_loader.py tests/test_data_workers.py tests/test_data_tokens.py
-             tests/mutation_mpi.py) ;;
+             tests/test_data_resume_tokens.py tests/mutation_mpi.py) ;;
     *) echo "mutation.sh: unknown group '$1' (autograd functional optim parallel data, or functional/MODULE)" >&2
        exit 2 ;;
   esac

@@ -577,7 +577,9 @@ def test_check_consistent_names_each_field_that_differs(dataset, tmp_path):
         with pytest.raises(DataError, match=rf": rank 1 has {{'{field}': .*}} but rank 0 has {{'{field}': "):
             group[0].check_consistent(FakeComm(group))
     sizes = [ArrowLoader(path, 5, rank=0, world_size=2), ArrowLoader(path, 5, rank=1, world_size=3)]
-    with pytest.raises(DataError, match=r"world_size"):
+    # 101 rows in whole batches of 5: 10 per rank for 2 ranks, 6 for 3; the batch counts follow
+    with pytest.raises(DataError, match=r": rank 1 has \{'world_size': 3, 'batches': 6, 'batches_left': 6\} "
+                                        r"but rank 0 has \{'world_size': 2, 'batches': 10, 'batches_left': 10\}$"):
         sizes[0].check_consistent(FakeComm(sizes))
 
 
