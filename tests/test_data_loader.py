@@ -16,8 +16,11 @@ import pytest
 from data_helpers import batch_ids, rank_loaders, write_ids
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from media_helpers import write_images
 
 from distprop.data import ArrowLoader
+from distprop.data.loader import DataWarning
+from distprop.data.transforms import CenterCrop
 from distprop.errors import ConfigError, DataError
 
 
@@ -592,3 +595,13 @@ def test_a_rank_done_with_its_epoch_agrees_with_one_that_starts_it_again(dataset
     with pytest.raises(DataError, match=r"^.*: rank 1 has \{'epoch': 1\} but rank 0 has \{'epoch': 0\}$"):
         fresh.set_epoch(1)
         done.check_consistent(FakeComm([done, fresh]))
+
+
+def test_what_an_epoch_left_out_is_forgotten_when_the_next_one_is_chosen(tmp_path):
+    write_images(tmp_path / "d.parquet", 6, size=(24, 24), replace={2: b"plain text, not an image"})
+    loader = ArrowLoader(tmp_path, 2, shuffle=False, on_error="skip", image_transforms=[CenterCrop(16)])
+    with pytest.warns(DataWarning, match="left out 1 sample"):
+        assert [b["label"].tolist() for b in loader] == [[0, 1], [3], [4, 5]]
+    assert len(loader.skipped) == 1 and "row 2" in loader.skipped[0]
+    loader.set_epoch(1)
+    assert loader.skipped == []  # the current epoch has left nothing out yet
