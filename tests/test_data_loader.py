@@ -605,3 +605,17 @@ def test_what_an_epoch_left_out_is_forgotten_when_the_next_one_is_chosen(tmp_pat
     assert len(loader.skipped) == 1 and "row 2" in loader.skipped[0]
     loader.set_epoch(1)
     assert loader.skipped == []  # the current epoch has left nothing out yet
+
+
+def test_what_was_left_out_counts_for_the_current_pass_through_the_epoch(tmp_path):
+    write_images(tmp_path / "d.parquet", 6, size=(24, 24), replace={2: b"plain text, not an image"})
+    loader = ArrowLoader(tmp_path, 2, shuffle=False, on_error="skip", image_transforms=[CenterCrop(16)])
+    stream = iter(loader)
+    assert [next(stream)["label"].tolist() for _ in range(2)] == [[0, 1], [3]]
+    stream.close()
+    with pytest.warns(DataWarning, match="left out 1 sample"):  # continued: row 2 was left out in this pass
+        assert [b["label"].tolist() for b in loader] == [[4, 5]]
+    assert len(loader.skipped) == 1
+    with pytest.warns(DataWarning, match="left out 1 sample"):  # the epoch again, from its start
+        assert len(list(loader)) == 3
+    assert len(loader.skipped) == 1 and "row 2" in loader.skipped[0]

@@ -58,6 +58,30 @@ def test_the_same_batches_with_any_number_of_workers(images):
         assert loader.worker_pids == []
 
 
+def test_with_workers_one_finished_batch_waits_beyond_the_one_in_use(images):
+    """The workers' slots hold the batches being prepared; after them only one
+    finished batch waits (and one more may be finished, waiting to be queued)."""
+    finished = []
+
+    def record(batch):  # runs in the main process, as each batch comes from the workers
+        finished.append(batch["label"].tolist())
+        return batch
+
+    loader = ArrowLoader(images, 4, seed=1, prefetch=3, num_workers=2, image_transforms=TRANSFORMS, transform=record)
+    try:
+        stream = iter(loader)
+        first = next(stream)
+        deadline = time.monotonic() + 60
+        while len(finished) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # time enough for the workers to finish several more
+        assert 2 <= len(finished) <= 1 + 1 + 1, f"{len(finished)} batches finished with one in use"
+        assert first["label"].tolist() == finished[0]
+        stream.close()
+    finally:
+        loader.close()
+
+
 def test_tokens_with_workers(tmp_path):
     rng = np.random.default_rng(0)
     write_documents(tmp_path / "t.parquet", [rng.integers(1, 100, int(rng.integers(1, 30))).tolist()
