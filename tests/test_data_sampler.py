@@ -44,7 +44,10 @@ def test_another_epoch_or_seed_gives_another_order():
 
 
 def test_no_shuffle_is_the_file_order():
-    assert EpochOrder([3, 4, 5], seed=0, epoch=7, shuffle=False).rows(0, 12).tolist() == list(range(12))
+    order = EpochOrder([3, 4, 5], seed=0, epoch=7, shuffle=False)
+    assert order.rows(0, 12).tolist() == list(range(12))
+    assert order.rows(5, 9).tolist() == [5, 6, 7, 8]  # any stretch: its own positions
+    assert order.rows(12, 12).tolist() == []
 
 
 def test_window_bounds_which_blocks_a_stretch_of_the_order_touches():
