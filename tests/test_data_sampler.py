@@ -50,6 +50,14 @@ def test_no_shuffle_is_the_file_order():
     assert order.rows(12, 12).tolist() == []
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_an_empty_stretch_of_the_order_selects_no_rows(shuffle):
+    order = EpochOrder([3, 4, 5], seed=0, epoch=1, shuffle=shuffle)
+    table = np.arange(12) * 10
+    for position in (0, 5, 12):
+        assert table[order.rows(position, position)].tolist() == []  # usable as an index: integers
+
+
 def test_window_bounds_which_blocks_a_stretch_of_the_order_touches():
     blocks = [10] * 30
     window = 3
