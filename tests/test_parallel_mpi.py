@@ -609,13 +609,17 @@ def test_collective_errors_say_what_and_happen_before_any_communication(comm):
 
 
 def test_a_duplicate_communicator_is_separate_and_freed(comm):
+    from mpi4py import MPI
+
     twin = comm.dup()
     assert (twin.rank, twin.size) == (comm.rank, comm.size) and twin.mpi_comm is not comm.mpi_comm
     value = np.array([1.0])
     twin.allreduce_(value, "sum")
     twin.free()
+    twin.free()  # once only
     comm.free()  # the job's own communicator is never freed
-    agree(comm, value[0] == comm.size and comm.allreduce(1) == comm.size, "dup/free")
+    freed = twin.mpi_comm == MPI.COMM_NULL and comm.mpi_comm != MPI.COMM_NULL
+    agree(comm, freed and value[0] == comm.size and comm.allreduce(1) == comm.size, "dup/free")
     assert repr(comm) == (f"MPICommunicator(rank={comm.rank}, size={comm.size}, local_rank={comm.local_rank}, "
                           f"local_size={comm.local_size})")
 
