@@ -320,6 +320,34 @@ def test_shm_transport_runs_without_its_thread_unless_every_rank_asks_for_it(nod
         transport.close()
 
 
+def test_a_span_is_reduced_in_disjoint_cache_sized_blocks_in_order():
+    from distprop.parallel.transports.shm import BLOCK_ELEMENTS, _blocks
+
+    assert list(_blocks(0)) == [] and list(_blocks(5)) == [slice(0, 5)]
+    count = 2 * BLOCK_ELEMENTS + 3
+    blocks = list(_blocks(count))
+    assert [(b.start, b.stop) for b in blocks] == [(0, BLOCK_ELEMENTS), (BLOCK_ELEMENTS, 2 * BLOCK_ELEMENTS),
+                                                  (2 * BLOCK_ELEMENTS, count)]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_local_rank_reads_the_others_buffers_in_the_segment(node):
+    from distprop.parallel.transports.shm import ShmTransport
+
+    comm, node_comm = node
+    transport = ShmTransport(comm, LAYOUTS[:2], overlap=False)
+    try:
+        for i in range(2):
+            transport.buffer(i)[...] = 10 * node_comm.Get_rank() + i
+        node_comm.Barrier()
+        seen = [[np.unique(transport.buffer(i, k)).tolist() for i in range(2)] for k in range(node_comm.Get_size())]
+        node_comm.Barrier()  # nobody writes again while another reads
+        expected = [[[10.0 * k + i] for i in range(2)] for k in range(node_comm.Get_size())]
+        _agree(comm, seen == expected, f"buffers of the local ranks: {seen}")
+    finally:
+        transport.close()
+
+
 def test_merged_runs_join_consecutive_buckets_of_one_dtype():
     from distprop.parallel.transports.shm import _runs
 
