@@ -348,6 +348,38 @@ def test_every_local_rank_reads_the_others_buffers_in_the_segment(node):
         transport.close()
 
 
+def test_with_several_nodes_a_rank_sums_its_node_before_the_allreduce_between_nodes():
+    """Two nodes of two ranks each, played in one process by stand-ins for the segment,
+    the barrier and the communicator between nodes: local rank 0 adds the node's two
+    buffers over its chunk, the allreduce between nodes adds the other node's sum, and
+    the mean over all four ranks is written into both local buffers."""
+    from types import SimpleNamespace
+
+    from distprop.parallel.transports.shm import ShmTransport
+
+    count = 10
+    values = [np.arange(1, count + 1, dtype=np.float32), 10 * np.arange(1, count + 1, dtype=np.float32)]
+    slabs = [v.copy().view(np.uint8) for v in values]  # each local rank's slab holds its gradients
+    other_node = np.float32(1000)  # the other node's sum, at every element
+
+    def allreduce(_, buffer):
+        buffer += other_node
+
+    transport = ShmTransport.__new__(ShmTransport)
+    transport.comm = SimpleNamespace(local_rank=0, size=4)
+    transport.segment = SimpleNamespace(local_size=2, slab=lambda k: slabs[k])
+    transport.barrier = SimpleNamespace(wait=lambda spin=False: None)
+    transport.cross = SimpleNamespace(Get_size=lambda: 2, Allreduce=allreduce)
+    transport.MPI = SimpleNamespace(IN_PLACE=None)
+    transport.may_spin = False
+    transport._reduce_span(0, count, np.dtype(np.float32), idle=False)
+    mine = slice(0, count // 2)  # local rank 0's chunk
+    expected = (values[0][mine] + values[1][mine] + other_node) / 4
+    for slab in slabs:
+        np.testing.assert_array_equal(slab.view(np.float32)[mine], expected)
+    np.testing.assert_array_equal(slabs[1].view(np.float32)[count // 2:], values[1][count // 2:])  # rank 1's
+
+
 def test_merged_runs_join_consecutive_buckets_of_one_dtype():
     from distprop.parallel.transports.shm import _runs
 
