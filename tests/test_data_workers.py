@@ -203,8 +203,17 @@ def test_no_worker_outlives_the_training_process(tmp_path, how):
     try:
         pids = [int(p) for p in process.stdout.readline().split()]
         assert len(pids) == 2, process.stderr.read()
-        process.send_signal(how)
-        process.wait(timeout=60)
+        # A KeyboardInterrupt that lands while a finalizer runs (each dropped batch returns
+        # its slot in one) is printed and lost, as Python does with any exception raised
+        # in one: the script would go on. A user presses Ctrl-C again; so does this test.
+        deadline = time.monotonic() + 60
+        while True:
+            process.send_signal(how)
+            try:
+                process.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                assert time.monotonic() < deadline, "the process did not stop"
         assert wait_gone(pids) == []
     finally:
         if process.poll() is None:

@@ -107,8 +107,8 @@ class WorkerPool:
         self._drain()
         self.generation += 1
         generation = self.generation
-        for connection in self.connections:
-            connection.send(("epoch", epoch))
+        for worker in range(self.num_workers):
+            self._send(worker, ("epoch", epoch), None, None, describe_epoch)
         work = iter(work)
         pending: deque[tuple[int, int, int, BatchRows]] = deque()   # (batch, worker, slot, rows) in order
         turn = 0
@@ -128,8 +128,8 @@ class WorkerPool:
                 batch, rows = item
                 worker = turn % self.num_workers
                 turn += 1
-                self.connections[worker].send(("batch", generation, batch, slot, rows.blocks.tolist(),
-                                               rows.bounds.tolist(), rows.local.tolist()))
+                self._send(worker, ("batch", generation, batch, slot, rows.blocks.tolist(), rows.bounds.tolist(),
+                                    rows.local.tolist()), batch, rows, describe_epoch)
                 self.outstanding.setdefault(worker, set()).add((generation, slot))
                 pending.append((batch, worker, slot, rows))
 
@@ -157,6 +157,14 @@ class WorkerPool:
                  self.slots.arrays(slot, self.offsets, self.spec.outputs, size).items()}
         self.free.put(slot)
         return batch
+
+    def _send(self, worker: int, message: tuple, batch, rows, describe_epoch: str) -> None:
+        """Send to `worker`; a worker already dead (its end of the socket closed) ends the
+        epoch as a death seen while receiving does."""
+        try:
+            self.connections[worker].send(message)
+        except OSError:  # BrokenPipeError, ConnectionResetError
+            raise DataError(self._death(worker, batch, rows, describe_epoch)) from None
 
     def _receive(self, worker: int, batch: int, rows: BatchRows, describe_epoch: str) -> tuple:
         connection = self.connections[worker]
