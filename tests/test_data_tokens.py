@@ -1,7 +1,9 @@
 """Token sequences: packing into windows, padding, resume and re-sharding, bad documents.
 
 The reference is the obvious construction in plain Python: concatenate the
-documents (with the end token), cut windows of L+1 tokens at every L-th token."""
+documents (with the end token), cut windows of L+1 tokens at every L-th token.
+Tests taking `packing` run once with the compiled (numba) kernels and once with
+numpy alone, as where numba is not installed."""
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from media_helpers import write_documents
 
-from distprop.data import ArrowLoader
+from distprop.data import ArrowLoader, tokens
 from distprop.errors import ConfigError, DataError
 
 
@@ -35,8 +37,17 @@ def reference_windows(docs, length: int, eos=None):
     return windows
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def packing(request, monkeypatch):
+    if request.param == "numpy":
+        monkeypatch.setattr(tokens, "kernels", lambda: None)
+    else:  # the test extra installs numba: without it both runs would test numpy
+        assert tokens.kernels() is not None
+    return request.param
+
+
 @pytest.mark.parametrize("eos", [None, 0])
-def test_packed_windows_are_the_concatenated_documents(tmp_path, eos):
+def test_packed_windows_are_the_concatenated_documents(tmp_path, eos, packing):
     docs = documents(60)
     write_documents(tmp_path / "t.parquet", docs, row_group_size=7)
     loader = ArrowLoader(tmp_path, 3, sequence_length=16, eos_token=eos, shuffle=False, drop_last=False,
@@ -46,6 +57,17 @@ def test_packed_windows_are_the_concatenated_documents(tmp_path, eos):
     got = [tuple(batch[k][j].tolist() for k in ("input_ids", "labels", "document_ids", "positions"))
            for batch in loader for j in range(len(batch["input_ids"]))]
     assert got[:len(expected)] == [tuple(w) for w in expected]
+
+
+def test_positions_without_document_ids(tmp_path, packing):
+    docs = documents(30, seed=4)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=4)
+    loader = ArrowLoader(tmp_path, 5, sequence_length=9, eos_token=0, seed=2, document_ids=False, positions=True)
+    batches = list(loader)
+    assert "document_ids" not in batches[0]
+    expected = {tuple(w[0]): w[3] for w in reference_windows(docs, 9, eos=0)}
+    assert all(expected[tuple(ids)] == places
+               for batch in batches for ids, places in zip(batch["input_ids"].tolist(), batch["positions"].tolist()))
 
 
 def test_shuffled_packing_covers_each_window_once(tmp_path):
@@ -60,7 +82,7 @@ def test_shuffled_packing_covers_each_window_once(tmp_path):
     assert set(got) <= set(expected)
 
 
-def test_windows_spanning_several_row_groups(tmp_path):
+def test_windows_spanning_several_row_groups(tmp_path, packing):
     docs = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]  # row groups of one short document each
     write_documents(tmp_path / "t.parquet", docs, row_group_size=1)
     batch = next(iter(ArrowLoader(tmp_path, 1, sequence_length=6, shuffle=False)))
@@ -160,7 +182,7 @@ def test_a_row_group_read_only_as_a_head_is_still_checked_against_its_footer(tmp
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_shuffled_windows_with_document_ids_and_positions_match_the_definition(tmp_path, workers):
+def test_shuffled_windows_with_document_ids_and_positions_match_the_definition(tmp_path, workers, packing):
     """Every output of every window, shuffled over small windows of row groups of
     varying size, with and without worker processes, is the reference's."""
     docs = documents(150, seed=9)

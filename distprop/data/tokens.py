@@ -25,6 +25,7 @@ an error unless ``truncate=True``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,19 @@ from distprop.data.format import VarRows, list_offsets, sequence_rows
 from distprop.data.index import DatasetIndex
 from distprop.data.storage import first_line, open_input
 from distprop.errors import ConfigError, DataError
+
+# What packed windows write, in the order the compiled kernel takes them.
+WINDOW_OUTPUTS = ("input_ids", "labels", "document_ids", "positions")
+
+
+@functools.cache
+def kernels():
+    """The compiled kernels' module, or None where numba is not installed."""
+    try:
+        from distprop.data import token_kernels
+    except ImportError:
+        return None
+    return token_kernels
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,11 @@ class TokenBlock:
     starts: np.ndarray
     _views: dict = field(default_factory=dict, repr=False)
 
+    def window_count(self, first: int, length: int) -> int:
+        """How many of the windows starting at ``first + k*length`` end inside the block,
+        their label included."""
+        return max(0, (len(self.tokens) - 1 - first) // length)
+
     def windows(self, first: int, length: int, shift: int) -> np.ndarray:
         """``tokens`` as ``(windows, length)``: row k is ``tokens[first + shift + k*length:]
         [:length]``, for every window starting at ``first + k*length`` that ends inside the
@@ -156,7 +175,7 @@ class TokenBlock:
         key = (first, length, shift)
         view = self._views.get(key)
         if view is None:
-            count = max(0, (len(self.tokens) - 1 - first) // length)
+            count = self.window_count(first, length)
             view = self._views[key] = np.lib.stride_tricks.as_strided(
                 self.tokens[first + shift:], (count, length), (length * self.tokens.itemsize, self.tokens.itemsize),
                 writeable=False)
@@ -191,11 +210,15 @@ def read_token_block(column, spec, options: TokenOptions, where: str, expected_t
         count = len(rows)
         starts = rows.offsets + np.arange(count + 1)  # each earlier document has gained an end token
         tokens = np.empty(int(starts[-1]), rows.values.dtype)
-        ends = starts[1:] - 1
-        keep = np.ones(len(tokens), bool)
-        keep[ends] = False
-        tokens[keep] = rows.values
-        tokens[ends] = options.eos_token
+        compiled = kernels()
+        if compiled is not None:
+            compiled.insert_end_tokens(rows.values, rows.offsets, tokens.dtype.type(options.eos_token), tokens)
+        else:
+            ends = starts[1:] - 1
+            keep = np.ones(len(tokens), bool)
+            keep[ends] = False
+            tokens[keep] = rows.values
+            tokens[ends] = options.eos_token
     if options.pack and expected_tokens is not None and len(tokens) != expected_tokens:
         raise DataError(f"{where}: column {options.column!r} holds {len(tokens)} tokens but the file's footer "
                         f"counts {expected_tokens} (was the file changed after the loader was built?)")
@@ -245,29 +268,38 @@ class PackedAssembler:
         outputs; `groups` are ``(block, lo, hi)``: rows lo..hi-1 start in that block."""
         layout, column, length = self.layout, self.options.column, self.length
         starts = samples * length
+        compiled = kernels()
         touched = {}  # blocks whose document starts the windows may cross -> their TokenBlock
+        spanning = []  # (row, block) of the windows that run on into the next block(s)
         for block, lo, hi in groups:
             tokens = touched[block] = block_of(block)[column]
             first = int(layout.first_offset[block])
             number = samples[lo:hi] - layout.first_window[block]  # the windows' places in the block
-            # The windows starting in a block lie every `length` tokens: gathered as rows
-            # of strided views, one np.take per output (mode="clip" writes straight into
-            # the output); the few that run past the block's end are clipped there and
-            # written again below.
-            fitting = 0
-            for name, shift in (("input_ids", 0), ("labels", 1)):
-                windows = tokens.windows(first, length, shift)
-                fitting = len(windows)
-                if fitting:
-                    windows.take(number, axis=0, out=out[name][lo:hi], mode="clip")
-            for row in (np.flatnonzero(number >= fitting) + lo).tolist():  # run on into the next block(s)
-                window = self._spanning(int(starts[row]), block, tokens, head_of, touched)
-                out["input_ids"][row], out["labels"][row] = window[:-1], window[1:]
-        if "document_ids" in out or "positions" in out:
+            fitting = tokens.window_count(first, length)  # those that end inside the block
+            if compiled is not None:
+                compiled.gather_windows(tokens.tokens, tokens.starts, first, number, fitting, length,
+                                        *(out[name][lo:hi] if name in out else None for name in WINDOW_OUTPUTS))
+            elif fitting:
+                # The windows starting in a block lie every `length` tokens: gathered as
+                # rows of strided views, one np.take per output (mode="clip" writes
+                # straight into the output); the few that run past the block's end are
+                # clipped there and written again below.
+                for name, shift in (("input_ids", 0), ("labels", 1)):
+                    tokens.windows(first, length, shift).take(number, axis=0, out=out[name][lo:hi], mode="clip")
+            spanning += [(row, block) for row in (np.flatnonzero(number >= fitting) + lo).tolist()]
+        for row, block in spanning:
+            window = self._spanning(int(starts[row]), block, touched[block], head_of, touched)
+            out["input_ids"][row], out["labels"][row] = window[:-1], window[1:]
+        # The compiled kernel wrote the other windows' document ids and positions.
+        rows = [row for row, _ in spanning] if compiled is not None else slice(0, len(samples))
+        wanted = [name for name in ("document_ids", "positions") if name in out]
+        if wanted and (compiled is None or spanning):
             # Blocks in dataset order hold T in order, so their starts concatenate sorted
             # (a head's are the first of its block's).
             boundaries = np.concatenate([touched[b].starts[:-1] + layout.token_starts[b] for b in sorted(touched)])
-            self._documents(starts, boundaries, out)
+            documents = self._documents(starts[rows], boundaries)
+            for name in wanted:
+                out[name][rows] = documents[name]
 
     def _spanning(self, start: int, block: int, tokens: TokenBlock, head_of, touched: dict) -> np.ndarray:
         """The window at `start` (in T), which starts in `block` (`tokens`) and runs on into
@@ -285,12 +317,12 @@ class PackedAssembler:
             tokens = touched.get(block) or head_of(block)[self.options.column]
             touched[block] = tokens
 
-    def _documents(self, starts: np.ndarray, boundaries: np.ndarray, out: dict) -> None:
-        """document_ids and positions of every window, from the sorted global start
-        offsets of all documents the windows touch. A window is cut into segments at the
-        document starts inside it; each output is written in one pass, segment by
-        segment (np.repeat): the segment's number, and its tokens' places counted from
-        the segment's document start."""
+    def _documents(self, starts: np.ndarray, boundaries: np.ndarray) -> dict[str, np.ndarray]:
+        """document_ids and positions (``(windows, length)`` int32) of the windows starting
+        at `starts`, from the sorted global start offsets of all documents the windows
+        touch. A window is cut into segments at the document starts inside it; each output
+        is made in one pass, segment by segment (np.repeat): the segment's number, and its
+        tokens' places counted from the segment's document start."""
         count, length = len(starts), self.length
         first = np.searchsorted(boundaries, starts, side="right")   # the first start after each window's first token
         inside = np.searchsorted(boundaries, starts + length, side="left") - first
@@ -302,13 +334,15 @@ class PackedAssembler:
         later = number > 0
         column[later] = boundaries[np.repeat(first, segments)[later] + number[later] - 1] - starts[window[later]]
         lengths = np.diff(np.append(column + window * length, count * length))
-        if "document_ids" in out:
-            out["document_ids"][:count] = np.repeat(number.astype(np.int32), lengths).reshape(count, length)
-        if "positions" in out:
+        out = {}
+        if self.options.document_ids:
+            out["document_ids"] = np.repeat(number.astype(np.int32), lengths).reshape(count, length)
+        if self.options.positions:
             # A window's first segment continues a document that began before it (a start <= 0).
             begun = np.where(later, column, (boundaries[first - 1] - starts)[window])
             places = np.tile(np.arange(length), count) - np.repeat(begun, lengths)
-            out["positions"][:count] = places.reshape(count, length)
+            out["positions"] = places.reshape(count, length)
+        return out
 
 
 def fill_padded(tokens: TokenBlock, row: int, options: TokenOptions, out: dict[str, np.ndarray], j: int,
