@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: the single-process tests in a random order (the seed is
-# printed; `--random-order-seed=N` repeats an order), then the MPI tests on 2 and 3
-# ranks. Every MPI job has a hard timeout, so a hang fails instead of freezing.
-# Arguments go to the single-process run. Skips other than GPU, platform and
-# privilege ones fail the run (tests/conftest.py).
+# The whole test suite: the single-process tests in a random order on two worker
+# processes (pytest-xdist; the seed is printed, `--random-order-seed=N` repeats an
+# order, `-n 0` runs them in this process), then the MPI tests on 2 and 3 ranks.
+# Every MPI job has a hard timeout, so a hang fails instead of freezing. Arguments
+# go to the single-process run. Skips other than GPU, platform and privilege ones
+# fail the run (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +20,12 @@ if "$mpiexec" --version 2>&1 | grep -qi "open mpi\|openrte"; then oversubscribe=
 # Every stage runs even when an earlier one failed, so one run shows every failure.
 start=$SECONDS
 failed=()
-python -m pytest -q --random-order-bucket=global "$@" || failed+=("single-process tests")
+# Many tests wait on jobs they start, so two workers take about 2/3 of the time of
+# one. Every worker must shuffle alike: one seed for all, chosen here unless given.
+seed=(--random-order-seed="$RANDOM")
+for argument in "$@"; do [[ "$argument" == --random-order-seed* ]] && seed=(); done
+python -m pytest -q -n 2 --dist worksteal --random-order-bucket=global "${seed[@]}" "$@" \
+  || failed+=("single-process tests")
 # One rank has no reducer: the data-parallel tests mean something from two ranks on.
 for ranks in 2 3; do
   echo "== MPI tests on $ranks ranks"
