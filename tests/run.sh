@@ -21,16 +21,22 @@ if "$mpiexec" --version 2>&1 | grep -qi "open mpi\|openrte"; then oversubscribe=
 start=$SECONDS
 failed=()
 # Many tests wait on jobs they start, so two workers take about 2/3 of the time of
-# one. Every worker must shuffle alike: one seed for all, chosen here unless given.
+# one. Each worker takes whole files (module-scoped fixtures, such as the network
+# namespaces of the multi-host tests, are then set up once), the files and the tests
+# in each in a random order; every worker must shuffle alike: one seed for all,
+# chosen here unless given.
 seed=(--random-order-seed="$RANDOM")
 for argument in "$@"; do [[ "$argument" == --random-order-seed* ]] && seed=(); done
-python -m pytest -q -n 2 --dist worksteal --random-order-bucket=global "${seed[@]}" "$@" \
+python -m pytest -q -n 2 --dist loadfile --random-order-bucket=module "${seed[@]}" "$@" \
   || failed+=("single-process tests")
 # One rank has no reducer: the data-parallel tests mean something from two ranks on.
+# Only the files that hold MPI tests are collected (importing the rest, PyTorch
+# included, would cost each rank more than the tests take).
+mapfile -t mpi_files < <(grep -l "mark\.mpi" tests/test_*.py)
 for ranks in 2 3; do
   echo "== MPI tests on $ranks ranks"
-  timeout -k 10 900 "$mpiexec" $oversubscribe -n "$ranks" \
-    python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests/ || failed+=("MPI tests on $ranks ranks")
+  timeout -k 10 900 "$mpiexec" $oversubscribe -n "$ranks" python -m pytest -q --with-mpi -m mpi \
+    -p no:cacheprovider "${mpi_files[@]}" || failed+=("MPI tests on $ranks ranks")
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "== tests/run.sh: FAILED: $(IFS=,; echo "${failed[*]}" | sed 's/,/, /g') ($((SECONDS - start)) s)"
