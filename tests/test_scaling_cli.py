@@ -44,6 +44,7 @@ def test_predict_prints_and_writes_what_the_model_gives(tmp_path):
     (["--predict", "--model", "measured"], "--model measured needs --calibration"),
     (["--predict", "--calibration", "/nonexistent.json"], "/nonexistent.json does not exist"),
     (["--ranks", "1,2"], "--out DIR is needed"),
+    (["--validate", "--rounds", "0", "--out", "OUT"], "--rounds must be at least 1, got 0"),
     (["--ranks", "1,2,3", "--mode", "strong", "--batch-size", "32", "--out", "OUT"],
      "the global batch 32 does not divide among 3 ranks"),
 ])
@@ -126,12 +127,13 @@ def test_model_fitted_on_two_ranks_predicts_the_three_rank_step(tmp_path):
     machine is shared and the test must not turn on timing; the README gives the
     errors measured on a quiet machine."""
     out = tmp_path / "validate"
-    result = scale("--validate", "--repeats", 1, "--out", out, timeout=600)
+    result = scale("--validate", "--repeats", 1, "--rounds", 3, "--out", out, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     validation = json.loads((out / "validation.json").read_text())
     three = validation["summary"]["3"]
     assert 0.5 <= three["predicted_step_s"] / three["measured_step_s"] <= 2.0, three
     fit = json.loads((out / "fit-2-ranks-0.json").read_text())
+    assert fit["workload"]["rounds"] == 3
     for name in ("shm", "mpi"):
         alpha, beta = fit["transports"][name]["alpha"], fit["transports"][name]["beta"]
         assert alpha >= 0 and beta > 0

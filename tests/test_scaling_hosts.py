@@ -132,7 +132,7 @@ def test_model_fitted_across_two_hosts_at_1_gbit_predicts_three(shaped_hosts, tm
     machine; the README gives the errors)."""
     out = tmp_path / "validate"
     result = subprocess.run([sys.executable, "-m", "distprop", "scale", "--validate", "--hostfile",
-                             str(shaped_hosts.hostfile), "--repeats", "1", "--out", str(out)],
+                             str(shaped_hosts.hostfile), "--repeats", "1", "--rounds", "3", "--out", str(out)],
                             capture_output=True, text=True, timeout=900, env=shaped_hosts.environment())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     validation = json.loads((out / "validation.json").read_text())

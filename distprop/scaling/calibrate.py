@@ -175,7 +175,7 @@ def measure_workload(comm, hidden, batch: int, steps: int, rounds: int) -> dict:
     return {
         "name": "mlp-" + "-".join(map(str, [784, *hidden, 10])),
         "description": f"MLP 784-{'-'.join(map(str, hidden))}-10, batch {batch} per rank, this machine",
-        "batch": batch, **means,
+        "batch": batch, "steps": steps, "rounds": rounds, **means,
         "gradients": [{"name": n, "bytes": int(p.data.nbytes), "ready": fraction[n]} for n, p in reversed(named)],
         "buckets": [{"names": [n for n, _ in g], "bytes": int(sum(p.data.nbytes for _, p in g)),
                      "ready": max(fraction[n] for n, _ in g)} for g in groups],

@@ -33,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--experiment", choices=("lr-scaling",), help="a training experiment over rank counts")
     parser.add_argument("--ranks", help="comma-separated rank counts (sweep default 1,2,4; predict 8..1024)")
     parser.add_argument("--out", help="output directory")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="--calibrate/--validate: measurement rounds per job (fewer: quicker, noisier)")
 
     model = parser.add_argument_group("cost model (--predict)")
     model.add_argument("--model", help="resnet50, gpt2-small (default both), or 'measured' with --calibration")
@@ -79,6 +81,9 @@ def run(args) -> int:
         raise UserError("--out DIR is needed (where the results go)")
     if args.calibrate or args.validate:
         from distprop.scaling import validate
+
+        if args.rounds < 1:
+            raise UserError(f"--rounds must be at least 1, got {args.rounds}")
 
         return validate.run_calibrate(args) if args.calibrate else validate.run_validate(args)
     if args.experiment == "lr-scaling":

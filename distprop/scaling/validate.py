@@ -31,7 +31,7 @@ CALIBRATE = "distprop.scaling.calibrate"
 
 def calibration_job(ranks: int, out: str, args, extra=()) -> dict:
     """Run the calibration program on `ranks` ranks; its JSON."""
-    program = [sys.executable, "-m", CALIBRATE, "--out", os.path.abspath(out), *extra]
+    program = [sys.executable, "-m", CALIBRATE, "--out", os.path.abspath(out), "--rounds", str(args.rounds), *extra]
     jobs.run(jobs.launch_command(ranks, program, args), f"the {ranks}-rank calibration job", args.timeout)
     with open(out) as file:
         return json.load(file)
