@@ -84,7 +84,6 @@ def run(args) -> int:
 
         if args.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {args.rounds}")
-
         return validate.run_calibrate(args) if args.calibrate else validate.run_validate(args)
     if args.experiment == "lr-scaling":
         from distprop.scaling import lr_scaling

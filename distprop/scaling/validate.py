@@ -113,8 +113,8 @@ def run_validate(args) -> int:
         fit["single_rank_step_s"] = measured[1][i]
         steps, contention = predicted_steps(fit, predicted_ranks)
         for ranks, step in steps.items():
-            rows.append({"repeat": i, "ranks": ranks, "contention": contention, "predicted_step_s": step, "measured_step_s": measured[ranks][i],
-                         "error": step / measured[ranks][i] - 1})
+            rows.append({"repeat": i, "ranks": ranks, "contention": contention, "predicted_step_s": step,
+                         "measured_step_s": measured[ranks][i], "error": step / measured[ranks][i] - 1})
     print(describe_calibration(fits[0]))
     print(f"1 rank alone: {statistics.median(measured[1]) * 1e3:.2f} ms per step; communication inside a step "
           f"takes {statistics.median(r['contention'] for r in rows):.2f}x its time alone (fitted at 2 ranks)")
