@@ -34,9 +34,11 @@ def gather_windows(tokens, starts, first, numbers, fitting, length, input_ids, l
     """Row k of the outputs from window ``numbers[k]`` of a block (`tokens`, its documents
     starting at `starts`), which starts at ``first + numbers[k] * length``; rows whose
     window runs past the block's end (``numbers[k] >= fitting``) are left to the caller.
-    `document_ids` and `positions` may be None."""
+    `document_ids` and `positions` may be None. Returns how many rows were left."""
+    left = 0
     for k in range(len(numbers)):
         if numbers[k] >= fitting:
+            left += 1
             continue
         start = first + numbers[k] * length
         input_ids[k, :] = tokens[start:start + length]
@@ -52,3 +54,4 @@ def gather_windows(tokens, starts, first, numbers, fitting, length, input_ids, l
                 for j in range(column, end):
                     positions[k, j] = j + offset
             column, number, document = end, number + 1, document + 1
+    return left

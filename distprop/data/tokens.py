@@ -277,8 +277,10 @@ class PackedAssembler:
             number = samples[lo:hi] - layout.first_window[block]  # the windows' places in the block
             fitting = tokens.window_count(first, length)  # those that end inside the block
             if compiled is not None:
-                compiled.gather_windows(tokens.tokens, tokens.starts, first, number, fitting, length,
-                                        *(out[name][lo:hi] if name in out else None for name in WINDOW_OUTPUTS))
+                left = compiled.gather_windows(tokens.tokens, tokens.starts, first, number, fitting, length,
+                                               *(out[name][lo:hi] if name in out else None for name in WINDOW_OUTPUTS))
+                if not left:  # (most groups: a block's one window that runs on is rarely in the batch)
+                    continue
             elif fitting:
                 # The windows starting in a block lie every `length` tokens: gathered as
                 # rows of strided views, one np.take per output (mode="clip" writes
