@@ -320,7 +320,7 @@ class PackedAssembler:
             touched[block] = tokens
 
     def _documents(self, starts: np.ndarray, boundaries: np.ndarray) -> dict[str, np.ndarray]:
-        """document_ids and positions (``(windows, length)`` int32) of the windows starting
+        """document_ids and positions (``(windows, length)`` each) of the windows starting
         at `starts`, from the sorted global start offsets of all documents the windows
         touch. A window is cut into segments at the document starts inside it; each output
         is made in one pass, segment by segment (np.repeat): the segment's number, and its
