@@ -158,6 +158,16 @@ class BatchRows:
     def __len__(self) -> int:
         return int(self.bounds[-1])
 
+    @classmethod
+    def concatenate(cls, parts: list[BatchRows]) -> BatchRows:
+        """Several batches' rows as one, in order (a block may then have several groups)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [len(part) for part in parts[:-1]])
+        return cls(np.concatenate([part.blocks for part in parts]),
+                   np.concatenate([[0]] + [part.bounds[1:] + offset for part, offset in zip(parts, offsets)]),
+                   np.concatenate([part.local for part in parts]))
+
     def describe(self, index: DatasetIndex, limit: int = 3) -> str:
         """Where the samples lie, for an error about the batch as a whole."""
         parts = []
@@ -191,10 +201,9 @@ class BatchBuilder:
         spec = self.spec
         index = spec.index
         if self.assembler is not None:  # packed windows: nothing else is in the batch
-            blocks = rows.blocks.tolist()
-            groups = [(b, int(rows.bounds[j]), int(rows.bounds[j + 1])) for j, b in enumerate(blocks)]
-            samples = rows.local + np.repeat(self.sample_starts[rows.blocks], np.diff(rows.bounds))
-            self.assembler.fill(samples, groups, block_of, head_of or block_of, out)
+            blocks = np.repeat(rows.blocks, np.diff(rows.bounds))
+            samples = rows.local + self.sample_starts[blocks]
+            self.assembler.fill(samples, blocks, block_of, head_of or block_of, out)
             return BuildResult(len(rows))
         keep = np.ones(len(rows), bool)
         skipped: list[str] = []

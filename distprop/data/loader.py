@@ -14,6 +14,9 @@ Pipeline for one epoch on one rank::
 Decoded data stays bounded by ``shuffle_window + max(read_threads, shuffle_window)``
 blocks (row groups) plus the batches in the queue, whatever the dataset's size
 (with workers: a few blocks per worker, and ``num_workers + prefetch + 1`` batch slots).
+Packed token windows are built several batches at a time, a unit of about 256K
+tokens: the blocks that unit reads are held at once, and a batch handed out keeps
+its unit's memory (a few MB) alive.
 The schedule of the rank's epoch is built up front, though: about 8 bytes per
 sample of this rank's share, and time proportional to it before the first batch.
 """

@@ -92,11 +92,27 @@ class Schedule:
             yield first + k, blocks, ahead, BatchRows(blocks, np.append(starts - lo, hi - lo), local[lo:hi])
 
 
+# Packed windows are built a unit of several batches at a time, about this many
+# tokens: a batch of a few dozen windows costs more in fixed overhead (waiting on
+# its blocks, allocating, one kernel call per block) than in copying tokens.
+UNIT_TOKENS = 1 << 18
+
+
+def batches_per_unit(spec: BatchSpec, batch_size: int) -> int:
+    """How many consecutive batches are built together (1 but for packed windows)."""
+    if spec.packed is None:
+        return 1
+    return max(1, UNIT_TOKENS // (batch_size * spec.tokens.sequence_length))
+
+
 class BatchProducer:
     """Generates ``(batch number, batch, skipped)`` for the rest of a rank's epoch stage
     in this process; runs in the background thread, schedule included, so
     ``iter(loader)`` returns at once. `finish` (host batch -> delivered batch: the user's
-    transform, the copy to the GPU) runs on each batch."""
+    transform, the copy to the GPU) runs on each batch.
+
+    Consecutive batches are built a unit at a time (`batches_per_unit`): into one
+    allocation, of which each batch is a view, from the blocks all of them need."""
 
     def __init__(self, spec: BatchSpec, order: EpochOrder, plan: RankPlan, start: int, window: int,
                  epoch: int, finish, num_threads: int, allocate=None):
@@ -107,6 +123,7 @@ class BatchProducer:
         # next one (or one per reader thread, if more), so the readers decode the next
         # window while this one is consumed and memory stays at about two windows.
         self.max_live_blocks = window + max(num_threads, window)
+        self.unit = batches_per_unit(spec, plan.batch_size)
 
     def __call__(self):
         spec = self.spec
@@ -130,26 +147,37 @@ class BatchProducer:
         blocks, heads = schedule.entry_block, schedule.entry_head
         submitted = live = 0  # entries submitted; whole blocks among those not yet released
         try:
-            for offset, (entries, rows) in enumerate(schedule.batches):
-                batch = schedule.start + offset
-                # Blocks this batch needs are read now; later ones while memory allows.
-                due = int(np.searchsorted(first, batch, side="right"))
+            for offset in range(0, len(schedule.batches), self.unit):
+                unit = schedule.batches[offset:offset + self.unit]
+                numbers = range(schedule.start + offset, schedule.start + offset + len(unit))
+                # Blocks these batches need are read now; later ones while memory allows.
+                due = int(np.searchsorted(first, numbers[-1], side="right"))
                 while submitted < len(first) and (submitted < due or live < self.max_live_blocks):
                     decoded[submitted] = pool.submit(read, blocks[submitted], heads[submitted])
                     live += not heads[submitted]
                     submitted += 1
-                # A batch reads a block whole or only its head, never both (Schedule).
-                sources = {blocks[e]: decoded[e].result() for e in entries.tolist()}
+                # A batch reads a block whole or only its head; in a unit of several, one
+                # batch may read a block whole and another its head: the whole one serves both.
+                sources = {}
+                for entry in np.concatenate([entries for entries, _ in unit]).tolist():
+                    if not (heads[entry] and blocks[entry] in sources):
+                        sources[blocks[entry]] = decoded[entry].result()
+                rows = BatchRows.concatenate([batch_rows for _, batch_rows in unit])
                 out = {name: self.allocate(name, (len(rows),) + shape, dtype)
                        for name, (dtype, shape) in spec.outputs.items()}
                 result = builder.build(rows, sources.__getitem__, out)
-                sources.clear()  # so released blocks are freed now, not after the next batch's reads
-                for entry in schedule.release_after.get(batch, ()):
-                    del decoded[entry]
-                    live -= not heads[entry]
-                if result.size < len(rows):
-                    out = {name: array[:result.size] for name, array in out.items()}
-                yield batch, self.finish(out), result.skipped
+                sources.clear()  # so released blocks are freed now, not after the next unit's reads
+                for batch in numbers:
+                    for entry in schedule.release_after.get(batch, ()):
+                        del decoded[entry]
+                        live -= not heads[entry]
+                # Fewer samples than rows: images were skipped (their units are single batches).
+                sizes = [len(batch_rows) for _, batch_rows in unit] if result.size == len(rows) else [result.size]
+                start = 0
+                for batch, size in zip(numbers, sizes):
+                    part = {name: array[start:start + size] for name, array in out.items()}
+                    yield batch, self.finish(part), result.skipped
+                    start += size
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             for current in readers:

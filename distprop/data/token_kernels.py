@@ -2,12 +2,12 @@
 in one pass, and packed windows written with their document ids and positions in
 one pass per window.
 
-numpy does the same with a boolean mask over each block, and per batch with a few
-dozen small calls (the takes, then the document-id segments through np.repeat)
-whose fixed cost outweighs the copying (see `PackedAssembler`); the results are the
-same, which the tests hold with and without numba. Imported only
-where tokens are packed; compiled code is cached on disk beside this file or in
-numba's cache directory.
+numpy does the same with a boolean mask over each block, and per block of a unit
+of batches with a few dozen small calls (the takes, then the document-id segments
+through np.repeat) whose fixed cost outweighs the copying (see `PackedAssembler`);
+the results are the same, which the tests hold with and without numba. Imported
+only where tokens are packed; compiled code is cached on disk beside this file or
+in numba's cache directory.
 """
 
 from __future__ import annotations
@@ -27,31 +27,30 @@ def insert_end_tokens(values, offsets, eos, out):
         out[hi + i] = eos
 
 
-# Called per block of a batch (a few windows each): it keeps the GIL, so that
-# returning never waits for the reader threads to give it back.
-@njit(cache=True)
-def gather_windows(tokens, starts, first, numbers, fitting, length, input_ids, labels, document_ids, positions):
-    """Row k of the outputs from window ``numbers[k]`` of a block (`tokens`, its documents
-    starting at `starts`), which starts at ``first + numbers[k] * length``; rows whose
-    window runs past the block's end (``numbers[k] >= fitting``) are left to the caller.
-    `document_ids` and `positions` may be None. Returns how many rows were left."""
+@njit(cache=True, nogil=True)
+def gather_windows(tokens, starts, first, numbers, rows, fitting, length, input_ids, labels, document_ids,
+                   positions):
+    """Row ``rows[k]`` of the outputs from window ``numbers[k]`` of a block (`tokens`, its
+    documents starting at `starts`), which starts at ``first + numbers[k] * length``;
+    windows that run past the block's end (``numbers[k] >= fitting``) are left to the
+    caller. `document_ids` and `positions` may be None. Returns how many were left."""
     left = 0
     for k in range(len(numbers)):
         if numbers[k] >= fitting:
             left += 1
             continue
-        start = first + numbers[k] * length
-        input_ids[k, :] = tokens[start:start + length]
-        labels[k, :] = tokens[start + 1:start + 1 + length]
+        start, row = first + numbers[k] * length, rows[k]
+        input_ids[row, :] = tokens[start:start + length]
+        labels[row, :] = tokens[start + 1:start + 1 + length]
         document = np.searchsorted(starts, start, side="right") - 1
         column = number = 0
         while column < length:  # one segment per document the window touches
             end = min(starts[document + 1] - start, length)
             if document_ids is not None:
-                document_ids[k, column:end] = number
+                document_ids[row, column:end] = number
             if positions is not None:
                 offset = start - starts[document]
                 for j in range(column, end):
-                    positions[k, j] = j + offset
+                    positions[row, j] = j + offset
             column, number, document = end, number + 1, document + 1
     return left

@@ -254,41 +254,47 @@ def read_token_head(tables, column_spec, options: TokenOptions, where: str, need
 
 
 class PackedAssembler:
-    """Fills packed windows into a batch from token blocks: `block_of(b)` is the
-    prepared block ``b`` (its TokenBlock under the token column's name), `head_of(b)`
-    the same or only the block's first tokens (see `read_token_head`), for the blocks
-    that windows run on into."""
+    """Fills packed windows into a batch, or a unit of several, from token blocks:
+    `block_of(b)` is the prepared block ``b`` (its TokenBlock under the token column's
+    name), `head_of(b)` the same or only the block's first tokens (see
+    `read_token_head`), for the blocks that windows run on into."""
 
     def __init__(self, layout: PackedLayout):
         self.layout, self.options = layout, layout.options
         self.length = layout.options.sequence_length
 
-    def fill(self, samples: np.ndarray, groups: list[tuple[int, int, int]], block_of, head_of, out: dict) -> None:
-        """Write windows `samples` (in batch order) into rows ``0..len(samples)-1`` of the
-        outputs; `groups` are ``(block, lo, hi)``: rows lo..hi-1 start in that block."""
+    def fill(self, samples: np.ndarray, blocks: np.ndarray, block_of, head_of, out: dict) -> None:
+        """Write windows `samples` into rows ``0..len(samples)-1`` of the outputs, in that
+        order; window ``samples[i]`` starts in block ``blocks[i]``. The windows are taken
+        block by block (one pass over each block, whichever batches of the unit they
+        belong to) and written to their rows."""
         layout, column, length = self.layout, self.options.column, self.length
         starts = samples * length
         compiled = kernels()
+        by_block = np.argsort(blocks, kind="stable")
+        sorted_blocks = blocks[by_block]
+        bounds = np.flatnonzero(np.diff(sorted_blocks)) + 1
         touched = {}  # blocks whose document starts the windows may cross -> their TokenBlock
         spanning = []  # (row, block) of the windows that run on into the next block(s)
-        for block, lo, hi in groups:
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(samples)]):
+            block = int(sorted_blocks[lo])
+            rows = by_block[lo:hi]
             tokens = touched[block] = block_of(block)[column]
             first = int(layout.first_offset[block])
-            number = samples[lo:hi] - layout.first_window[block]  # the windows' places in the block
+            number = samples[rows] - layout.first_window[block]  # the windows' places in the block
             fitting = tokens.window_count(first, length)  # those that end inside the block
             if compiled is not None:
-                left = compiled.gather_windows(tokens.tokens, tokens.starts, first, number, fitting, length,
-                                               *(out[name][lo:hi] if name in out else None for name in WINDOW_OUTPUTS))
-                if not left:  # (most groups: a block's one window that runs on is rarely in the batch)
+                left = compiled.gather_windows(tokens.tokens, tokens.starts, first, number, rows, fitting, length,
+                                               *(out.get(name) for name in WINDOW_OUTPUTS))
+                if not left:  # (most blocks: a block's one window that runs on is rarely in the unit)
                     continue
             elif fitting:
                 # The windows starting in a block lie every `length` tokens: gathered as
-                # rows of strided views, one np.take per output (mode="clip" writes
-                # straight into the output); the few that run past the block's end are
-                # clipped there and written again below.
+                # rows of strided views, one np.take per output (mode="clip": the few
+                # that run past the block's end are clipped there and written again below).
                 for name, shift in (("input_ids", 0), ("labels", 1)):
-                    tokens.windows(first, length, shift).take(number, axis=0, out=out[name][lo:hi], mode="clip")
-            spanning += [(row, block) for row in (np.flatnonzero(number >= fitting) + lo).tolist()]
+                    out[name][rows] = tokens.windows(first, length, shift).take(number, axis=0, mode="clip")
+            spanning += [(row, block) for row in rows[number >= fitting].tolist()]
         for row, block in spanning:
             window = self._spanning(int(starts[row]), block, touched[block], head_of, touched)
             out["input_ids"][row], out["labels"][row] = window[:-1], window[1:]
