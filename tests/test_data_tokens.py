@@ -197,6 +197,41 @@ def test_shuffled_windows_with_document_ids_and_positions_match_the_definition(t
     assert sorted(got) == sorted(tuple(map(tuple, w)) for w in reference_windows(docs, 33, eos=0))
 
 
+def test_a_head_is_taken_from_its_block_read_whole_earlier(tmp_path, monkeypatch):
+    """A block read whole keeps its head for a later batch that needs only the head;
+    only the other heads are read from the file. With one reader thread the reads
+    run in the schedule's order, so which heads those are follows from it."""
+    from distprop.data import pipeline
+    from distprop.data.pipeline import Schedule
+    from distprop.data.sampler import EpochOrder
+
+    docs = documents(150, seed=8)
+    write_documents(tmp_path / "t.parquet", docs, row_group_size=5)
+    loader = ArrowLoader(tmp_path, 3, sequence_length=20, eos_token=0, seed=6, shuffle_window=2, read_threads=1,
+                         drop_last=False, positions=True)
+    from_file = []
+    prepare_head = pipeline.prepare_head
+    monkeypatch.setattr(pipeline, "prepare_head",
+                        lambda spec, reader, block: from_file.append(block) or prepare_head(spec, reader, block))
+    got = sorted(tuple(tuple(batch[k][j].tolist()) for k in ("input_ids", "labels", "document_ids", "positions"))
+                 for batch in loader for j in range(len(batch["input_ids"])))
+    assert got == sorted(tuple(map(tuple, w)) for w in reference_windows(docs, 20, eos=0))
+
+    schedule = Schedule(loader._spec, EpochOrder(loader._spec.samples_per_block, 6, 0, True, 2), loader._plan(), 0, 2)
+    entries = list(zip(schedule.entry_block, schedule.entry_head))
+    later_heads = {block for block, head in entries if head}
+    kept, expected = set(), []
+    for block, head in entries:
+        if not head:
+            kept |= {block} & later_heads
+        elif block in kept:
+            kept.remove(block)
+        else:
+            expected.append(block)
+    assert from_file == expected
+    assert 0 < len(expected) < sum(head for _, head in entries)  # some from the file, some kept
+
+
 def test_each_batch_schedules_exactly_the_blocks_its_windows_read(tmp_path):
     from distprop.data.pipeline import Schedule
     from distprop.data.sampler import EpochOrder

@@ -96,6 +96,8 @@ class Schedule:
 # tokens: a batch of a few dozen windows costs more in fixed overhead (waiting on
 # its blocks, allocating, one kernel call per block) than in copying tokens.
 UNIT_TOKENS = 1 << 18
+# Heads of packed blocks kept from whole reads, at most (see BatchProducer).
+KEPT_HEAD_BYTES = 64 << 20
 
 
 def batches_per_unit(spec: BatchSpec, batch_size: int) -> int:
@@ -132,6 +134,14 @@ class BatchProducer:
         readers, local = [], threading.local()
         lock = threading.Lock()
 
+        # Packed: a block read whole keeps a copy of its head for a batch that needs only
+        # the head later (in a shuffled order, about half of them), which then reads
+        # nothing; a head costs a tenth of a whole read. A few KB each, bounded.
+        later_heads = {block for block, head in zip(schedule.entry_block, schedule.entry_head) if head}
+        kept_heads, most_kept = {}, 0
+        if later_heads:
+            most_kept = max(1, KEPT_HEAD_BYTES // (spec.tokens.sequence_length * spec.outputs["input_ids"][0].itemsize))
+
         def read(block: int, head: bool) -> dict:
             current = getattr(local, "reader", None)
             if current is None:
@@ -139,7 +149,14 @@ class BatchProducer:
                                                      lambda table, block: prepare_block(spec, table, block))
                 with lock:
                     readers.append(current)
-            return prepare_head(spec, current, block) if head else current.read(block)
+            if head:
+                kept = kept_heads.pop(block, None)
+                return kept if kept is not None else prepare_head(spec, current, block)
+            prepared = current.read(block)
+            if block in later_heads and len(kept_heads) < most_kept:
+                column = spec.tokens.column
+                kept_heads[block] = {column: prepared[column].head(spec.tokens.sequence_length)}
+            return prepared
 
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="distprop-read")
         decoded = {}

@@ -181,6 +181,14 @@ class TokenBlock:
                 writeable=False)
         return view
 
+    def head(self, needed: int) -> TokenBlock:
+        """The first `needed` tokens (all, if fewer) and the document starts among them:
+        a copy, so that the rest of the block is not kept alive by it."""
+        if len(self.tokens) <= needed:
+            return self
+        inside = self.starts[:int(np.searchsorted(self.starts, needed, side="left"))]
+        return TokenBlock(self.tokens[:needed].copy(), np.append(inside, needed))
+
 
 def check_documents(rows: VarRows, options: TokenOptions, where: str, column: str) -> None:
     """Refuse null or empty documents and token ids outside the vocabulary, naming the row."""
@@ -246,11 +254,7 @@ def read_token_head(tables, column_spec, options: TokenOptions, where: str, need
             break
     head = read_token_block(pa.chunked_array(chunks, type=chunks[0].type), column_spec, options, where,
                             expected_tokens)
-    if len(head.tokens) <= needed:
-        return head
-    # Only what windows take: a copy, so the rest of a long document is freed now.
-    inside = head.starts[:int(np.searchsorted(head.starts, needed, side="left"))]
-    return TokenBlock(head.tokens[:needed].copy(), np.append(inside, needed))
+    return head.head(needed)  # only what windows take, so the rest of a long document is freed now
 
 
 class PackedAssembler:
