@@ -594,6 +594,36 @@ def test_collectives_give_what_their_names_say(comm):
     comm.barrier()
 
 
+@pytest.mark.parametrize("shape", [(1,), (2, 3), (100_003,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_ring_allreduce_sums_and_leaves_every_rank_the_same_bits(comm, shape, dtype):
+    """On any rank count (whether allreduce_ would choose it or not), and on buffers
+    shorter than the ranks or not divisible by them."""
+    from distprop.parallel.ring import ring_allreduce_
+
+    mine = np.random.default_rng(comm.rank).standard_normal(shape).astype(dtype)
+    everyone = comm.allgather(mine)
+    reduced = mine.copy()
+    assert ring_allreduce_(comm.mpi_comm, reduced) is reduced
+    agree(comm, np.allclose(reduced, everyone.sum(axis=0), rtol=1e-5, atol=1e-5), f"ring sum {reduced.ravel()[:4]}")
+    copies = comm.allgather(reduced)
+    agree(comm, all(np.array_equal(copy, copies[0]) for copy in copies), "ranks hold different bits")
+
+
+def test_large_sums_take_the_ring_on_rank_counts_that_are_not_powers_of_two(comm, monkeypatch):
+    from distprop.parallel import communicator, ring
+
+    taken = []
+    monkeypatch.setattr(communicator, "ring_allreduce_",
+                        lambda mpi_comm, array: taken.append(array.nbytes) or ring.ring_allreduce_(mpi_comm, array))
+    large = np.full(comm.size * ring.MIN_CHUNK_BYTES // 4, float(comm.rank + 1), np.float32)
+    comm.allreduce_(large, "mean")
+    comm.allreduce_(np.ones(10, np.float32), "sum")
+    comm.allreduce_(np.ones(len(large), np.int32), "sum")
+    expected = [large.nbytes] if comm.size >= 3 and comm.size & (comm.size - 1) else []
+    agree(comm, taken == expected and np.all(large == (comm.size + 1) / 2), f"ring taken for {taken} bytes")
+
+
 def test_collective_errors_say_what_and_happen_before_any_communication(comm):
     with pytest.raises(ValueError, match=r"^reduction op must be one of \('sum', 'mean', 'max', 'min', 'bf16_sum'\), "
                                          r"got 'avg'$"):

@@ -76,6 +76,19 @@ def test_hierarchy_between_nodes_through_mpi_pays_the_fold_on_three_nodes():
     assert allreduce.hier(n, 3, mpi) > 2 * allreduce.hier(n, 3, fabric(g=1))
 
 
+def test_distprops_allreduce_over_mpi_is_its_ring_only_where_the_ring_pays():
+    """distprop sums large buckets on 3, 5, 6 ... ranks round its own ring; on powers
+    of two and for small buckets the MPI library's algorithm stays."""
+    from distprop.parallel.ring import MIN_CHUNK_BYTES
+
+    large, small = 3 * MIN_CHUNK_BYTES, 3 * MIN_CHUNK_BYTES - 3
+    for p, n, chosen in ((3, large, allreduce.ring), (3, small, allreduce.rhd), (4, 4 * MIN_CHUNK_BYTES, allreduce.rhd),
+                         (2, large, allreduce.rhd), (6, 6 * MIN_CHUNK_BYTES, allreduce.ring)):
+        assert allreduce.mpi_ring(n, p, fabric(g=1)) == chosen(n, p, fabric(g=1)), (p, n)
+    mpi = replace(fabric(g=1), between_nodes="mpi-ring")
+    assert allreduce.hier(large, 3, mpi) == pytest.approx(allreduce.ring(large, 3, fabric(g=1)))
+
+
 @pytest.mark.parametrize("name", sorted(allreduce.ALGORITHMS))
 def test_one_rank_costs_nothing_and_more_bytes_cost_more(name):
     assert allreduce.allreduce_time(name, 1e6, 1, fabric()) == 0.0

@@ -19,6 +19,7 @@ import numpy as np
 
 from distprop.backend import get_array_module, is_gpu_array, to_device
 from distprop.parallel.compression import mpi_bf16_sum_op
+from distprop.parallel.ring import ring_allreduce_, takes_ring
 
 # "bf16_sum" adds uint16 arrays that hold bfloat16 bits (see parallel.compression).
 ABORT_GRACE_SECONDS = 1.0
@@ -157,7 +158,10 @@ class MPICommunicator(Communicator):
             raise ValueError("allreduce_ needs a C-contiguous array (a reduction into a copy would be lost)")
         mpi_op = mpi_bf16_sum_op() if op == "bf16_sum" else self._mpi_ops[op]
         with self._guard(f"allreduce({op}, {array.nbytes} bytes)"):
-            self.mpi_comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
+            if op in ("sum", "mean") and takes_ring(self.size, array):
+                ring_allreduce_(self.mpi_comm, array)
+            else:
+                self.mpi_comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
         if op == "mean":
             array /= self.size
         return array

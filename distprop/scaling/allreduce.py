@@ -23,10 +23,12 @@ Formulas (n bytes; the sources are in the reference notes on scaling models):
   transport, measured directly), and between the nodes an allreduce of each rank's
   n/g shard -- all g shards through the node's one interface, so the inter term
   carries the whole n: 2(N-1) alpha_inter + 2(N-1)/N n beta_inter (a ring between
-  the nodes, as NCCL runs it). Where the nodes' part is an MPI library's allreduce
-  (distprop's transports between hosts), the fabric says `between_nodes="rhd"`:
-  recursive halving and doubling, the large-message algorithm of MPI libraries,
-  which pays the fold on node counts that are not powers of two.
+  the nodes, as NCCL runs it). Where the nodes' part goes through MPI (distprop's
+  transports between hosts), the fabric says `between_nodes="mpi-ring"`.
+- mpi-ring, distprop's allreduce of host buffers over MPI: a ring of its own on rank
+  counts that are not powers of two, for large buckets (distprop.parallel.ring);
+  elsewhere the MPI library's recursive halving and doubling (rhd above), which on
+  those counts would pay the fold.
 
 Any algorithm on one node (N = 1) uses the intra link only.
 """
@@ -35,6 +37,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+
+from distprop.parallel.ring import prefers_ring
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,8 @@ class Fabric:
     # A measured node-local reduction: seconds per bucket = a + b * bytes, the
     # whole of the node's reduce-scatter and allgather (distprop's shared memory).
     node_reduction: Link | None = None
-    # The allreduce among the nodes in `hier`: "ring" (NCCL) or "rhd" (an MPI
-    # library's large-message allreduce).
+    # The allreduce among the nodes in `hier`: "ring" (NCCL), "mpi-ring" (distprop's over
+    # MPI) or "rhd" (an MPI library's large-message allreduce).
     between_nodes: str = "ring"
     # Where the fabric's figures come from.
     source: str = ""
@@ -98,6 +102,13 @@ def rhd(n: float, p: int, fabric: Fabric) -> float:
             + (1 + (p - 1) / p) * n * link.gamma)
 
 
+def mpi_ring(n: float, p: int, fabric: Fabric) -> float:
+    """distprop's allreduce of host buffers over MPI: its own ring where that beats
+    the library's choice (distprop.parallel.ring), recursive halving and doubling
+    (the MPI library's large-message algorithm) elsewhere."""
+    return (ring if prefers_ring(p, int(n)) else rhd)(n, p, fabric)
+
+
 def tree(n: float, p: int, fabric: Fabric) -> float:
     if p <= 1:
         return 0.0
@@ -129,7 +140,7 @@ def hier(n: float, p: int, fabric: Fabric) -> float:
     return node_local(n, g, fabric) + across
 
 
-ALGORITHMS = {"ring": ring, "rhd": rhd, "tree": tree, "hier": hier}
+ALGORITHMS = {"ring": ring, "rhd": rhd, "mpi-ring": mpi_ring, "tree": tree, "hier": hier}
 
 
 def allreduce_time(algorithm: str, n: float, p: int, fabric: Fabric) -> float:

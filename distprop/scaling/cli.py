@@ -40,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", help="resnet50, gpt2-small (default both), or 'measured' with --calibration")
     model.add_argument("--fabric", help="comma-separated: shm, eth-25/100/200/400, ib-100/200/400, nvlink "
                                         "(default ib-200)")
-    model.add_argument("--algorithm", help="comma-separated: ring, rhd, tree, hier (default hier)")
+    model.add_argument("--algorithm", help="comma-separated: ring, rhd, mpi-ring, tree, hier (default hier)")
     model.add_argument("--calibration", help="calibration.json from --calibrate (for --fabric shm, --model measured)")
     model.add_argument("--bucket-mb", type=float, help="bucket size (default 25; the first bucket 1 MB)")
     model.add_argument("--ranks-per-node", type=int, help="ranks sharing a node and its network interface")

@@ -84,12 +84,10 @@ def shm_fabric(calibration: dict) -> Fabric:
     when calibrated across hosts) through MPI's allreduce at the measured link. One
     node unless the calibration ran across hosts.
 
-    MPI's allreduce is modelled as recursive halving and doubling (Rabenseifner's,
-    MPICH's large-message algorithm; Thakur, Rabenseifner & Gropp 2005): fitted on 2
-    ranks it costs what a ring costs, but on 3 it folds a rank in and out with the
-    whole bucket. Across three namespace hosts on 1 Gb/s links (Open MPI 5 over TCP)
-    the ring's prediction of the 3-host step was 2.6x too short; this one was
-    off by -19% to +31% over three runs.
+    Between the nodes the allreduce is distprop's (`allreduce.mpi_ring`): MPI's own
+    (recursive halving and doubling, Rabenseifner's; Thakur, Rabenseifner & Gropp
+    2005) on 2 ranks, where it costs what a ring costs, and distprop's ring on 3,
+    where the library's choice would fold a rank in and out with the whole bucket.
     """
     ranks, per_node = calibration["ranks"], calibration["ranks_per_node"]
     fits = calibration["transports"]
@@ -98,7 +96,7 @@ def shm_fabric(calibration: dict) -> Fabric:
     where = "shared memory" if per_node > 1 else "MPI between hosts"
     return Fabric(name="shm", description=f"this machine, {where} ({calibration['machine']['cores']} cores)",
                   intra=link, inter=link, ranks_per_node=(1 << 30) if per_node > 1 else 1, node_reduction=node,
-                  between_nodes="rhd",
+                  between_nodes="mpi-ring",
                   source=f"measured by distprop scale --calibrate at {ranks} ranks")
 
 

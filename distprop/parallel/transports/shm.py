@@ -35,6 +35,7 @@ import os
 import numpy as np
 
 from distprop.cpu_threads import get_num_threads
+from distprop.parallel.ring import sum_in_place
 from distprop.parallel.shm import NodeBarrier, NodeSegment, aligned
 from distprop.parallel.transports.base import BlockingTransport
 
@@ -136,7 +137,7 @@ class ShmTransport(BlockingTransport):
             if summed:  # the node's sum of my chunk, then its sum over the nodes
                 for other in others:
                     mine += other
-                self.cross.Allreduce(self.MPI.IN_PLACE, mine)
+                sum_in_place(self.cross, mine, self.MPI)
             scale = mine.dtype.type(1.0 / self.comm.size)
             for block in _blocks(hi - lo):  # each block summed, scaled and copied out while in cache
                 part = mine[block]
