@@ -179,6 +179,19 @@ def test_a_node_with_more_ranks_than_cores_shares_them_out_evenly():
     assert Host(cores=4).oversubscription(3) == 1
 
 
+def test_hosts_sharing_one_machines_cores_share_them_for_their_links_too():
+    """Three namespace hosts (one rank each) on 2 cores: compute and wire both run at
+    2/3 speed; separate hosts of 2 cores each keep the wire's time."""
+    work = _workload(backward=1e-6)  # nothing to overlap: the step is compute plus every allreduce
+    link = Link(alpha=1e-5, beta=1e-8)
+    hosts = Fabric(name="net", description="", intra=link, inter=link, ranks_per_node=1, between_nodes="mpi-ring")
+    apart = predict(work, hosts, "hier", 3, host=Host(cores=2))
+    shared = predict(work, hosts, "hier", 3, host=Host(cores=2, shared=True))
+    assert apart.exposed_s == pytest.approx(apart.allreduce_s)
+    assert shared.exposed_s == pytest.approx(1.5 * apart.allreduce_s, rel=1e-3)
+    assert shared.compute_s == pytest.approx(1.5 * apart.compute_s)
+
+
 def test_stragglers_add_the_expected_maximum_of_normal_deviations():
     work, fab = _workload(total_bytes=1), fabrics.preset("ib-400")
     plain, jittery = (predict(work, fab, "ring", 256, sigma=s) for s in (0.0, 0.002))
