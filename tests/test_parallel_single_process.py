@@ -354,3 +354,23 @@ def test_a_model_that_differs_on_rank_1_is_described_in_full(change, problem):
     message = f"DataParallel: the model differs between ranks (compared with rank 0): {problem}"
     with pytest.raises(ModelMismatchError, match=f"^{re.escape(message)}$"):
         DataParallel(nn.Linear(3, 2), OtherRank1(change))
+
+
+def test_sums_take_distprops_ring_only_where_it_beats_mpis_choice(monkeypatch):
+    """Large float sums on 3 (or 5, 6, ...) ranks go round the ring; small ones, other
+    dtypes and powers of two stay with MPI_Allreduce."""
+    from types import SimpleNamespace
+
+    from distprop.parallel import ring
+
+    taken = []
+    monkeypatch.setattr(ring, "ring_allreduce_", lambda comm, array: taken.append(("ring", comm.Get_size())))
+    mpi = SimpleNamespace(IN_PLACE=None)
+    large = 6 * ring.MIN_CHUNK_BYTES // 4
+    for size, array in ((3, np.zeros(large, np.float32)), (3, np.zeros(large // 4, np.float32)),
+                        (3, np.zeros(large, np.int32)), (4, np.zeros(2 * large, np.float32)),
+                        (6, np.zeros(large, np.float64)), (2, np.zeros(large, np.float32))):
+        comm = SimpleNamespace(Get_size=lambda size=size: size,
+                               Allreduce=lambda *args, size=size: taken.append(("mpi", size)))
+        ring.sum_in_place(comm, array, mpi)
+    assert taken == [("ring", 3), ("mpi", 3), ("mpi", 3), ("mpi", 4), ("ring", 6), ("mpi", 2)]

@@ -74,4 +74,4 @@ def sum_in_place(comm, array: np.ndarray, MPI) -> None:
     if takes_ring(comm.Get_size(), array):
         ring_allreduce_(comm, array)
     else:
-        comm.Allreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+        comm.Allreduce(MPI.IN_PLACE, array)  # MPI_SUM, the default
