@@ -251,25 +251,34 @@ def test_each_batch_schedules_exactly_the_blocks_its_windows_read(tmp_path):
         assert {schedule.entry_block[e] for e in entries.tolist()} == expected, batch
 
 
+UNIT_OPTIONS = {"sequence_length": 11, "eos_token": 0, "seed": 4, "shuffle_window": 2, "drop_last": False,
+                "positions": True}
+
+
+@pytest.fixture(scope="module")
+def built_one_at_a_time(tmp_path_factory):
+    """A dataset and its batches as worker processes build them: one batch at a time."""
+    path = tmp_path_factory.mktemp("units")
+    write_documents(path / "t.parquet", documents(200, seed=11), row_group_size=6)
+    loader = ArrowLoader(path, 4, num_workers=1, **UNIT_OPTIONS)
+    try:
+        return path, [{k: v.copy() for k, v in batch.items()} for batch in loader]
+    finally:
+        loader.close()
+
+
 @pytest.mark.parametrize("unit_tokens", [1, 3 * 4 * 11, 1 << 18])
-def test_batches_do_not_depend_on_how_many_are_built_together(tmp_path, monkeypatch, packing, unit_tokens):
+def test_batches_do_not_depend_on_how_many_are_built_together(built_one_at_a_time, monkeypatch, packing,
+                                                                unit_tokens):
     """Packed batches are built a unit at a time: one batch, three, or the whole epoch
     (where one batch takes a block's head and another the whole block) give the
     batches that worker processes, which build one batch at a time, give; each batch
     a view of its unit's memory that stays valid as later ones are built."""
     from distprop.data import pipeline
 
-    docs = documents(200, seed=11)
-    write_documents(tmp_path / "t.parquet", docs, row_group_size=6)
-    options = {"sequence_length": 11, "eos_token": 0, "seed": 4, "shuffle_window": 2, "drop_last": False,
-               "positions": True}
-    one_at_a_time = ArrowLoader(tmp_path, 4, num_workers=1, **options)
-    try:
-        expected = [{k: v.copy() for k, v in batch.items()} for batch in one_at_a_time]
-    finally:
-        one_at_a_time.close()
+    path, expected = built_one_at_a_time
     monkeypatch.setattr(pipeline, "UNIT_TOKENS", unit_tokens)
-    loader = ArrowLoader(tmp_path, 4, **options)
+    loader = ArrowLoader(path, 4, **UNIT_OPTIONS)
     assert pipeline.batches_per_unit(loader._spec, 4) == max(1, unit_tokens // 44)
     got = list(loader)  # all held at once
     assert len(got) == len(expected) == len(loader)
