@@ -622,6 +622,12 @@ def test_large_sums_take_the_ring_on_rank_counts_that_are_not_powers_of_two(comm
     comm.allreduce_(np.ones(len(large), np.int32), "sum")
     expected = [large.nbytes] if comm.size >= 3 and comm.size & (comm.size - 1) else []
     agree(comm, taken == expected and np.all(large == (comm.size + 1) / 2), f"ring taken for {taken} bytes")
+    monkeypatch.setenv(ring.VARIABLE, "0")  # a communicator made now keeps every sum with MPI
+    with_mpi_only = communicator.MPICommunicator(comm.mpi_comm)
+    taken.clear()
+    with_mpi_only.allreduce_(large, "sum")
+    agree(comm, taken == [] and not with_mpi_only.ring and np.all(large == comm.size * (comm.size + 1) / 2),
+          f"ring taken for {taken} bytes with ${ring.VARIABLE}=0")
 
 
 def test_collective_errors_say_what_and_happen_before_any_communication(comm):

@@ -374,3 +374,14 @@ def test_sums_take_distprops_ring_only_where_it_beats_mpis_choice(monkeypatch):
                                Allreduce=lambda *args, size=size: taken.append(("mpi", size)))
         ring.sum_in_place(comm, array, mpi)
     assert taken == [("ring", 3), ("mpi", 3), ("mpi", 3), ("mpi", 4), ("ring", 6), ("mpi", 2)]
+
+
+def test_the_ring_can_be_turned_off_and_a_bad_setting_is_named(monkeypatch):
+    from distprop.parallel import ring
+
+    for value, allowed in (("", True), ("1", True), (" 0 ", False)):
+        monkeypatch.setenv(ring.VARIABLE, value)
+        assert ring.ring_allowed() is allowed
+    monkeypatch.setenv(ring.VARIABLE, "off")
+    with pytest.raises(ValueError, match=r"^\$DISTPROP_ALLREDUCE_RING must be 1 .* or 0 .*, got 'off'$"):
+        ring.ring_allowed()

@@ -366,7 +366,7 @@ def test_with_several_nodes_a_rank_sums_its_node_before_the_allreduce_between_no
         buffer += other_node
 
     transport = ShmTransport.__new__(ShmTransport)
-    transport.comm = SimpleNamespace(local_rank=0, size=4)
+    transport.comm = SimpleNamespace(local_rank=0, size=4, ring=True)
     transport.segment = SimpleNamespace(local_size=2, slab=lambda k: slabs[k])
     transport.barrier = SimpleNamespace(wait=lambda spin=False: None)
     transport.cross = SimpleNamespace(Get_size=lambda: 2, Allreduce=allreduce)

@@ -19,7 +19,7 @@ import numpy as np
 
 from distprop.backend import get_array_module, is_gpu_array, to_device
 from distprop.parallel.compression import mpi_bf16_sum_op
-from distprop.parallel.ring import ring_allreduce_, takes_ring
+from distprop.parallel.ring import ring_allowed, ring_allreduce_, takes_ring
 
 # "bf16_sum" adds uint16 arrays that hold bfloat16 bits (see parallel.compression).
 ABORT_GRACE_SECONDS = 1.0
@@ -149,6 +149,8 @@ class MPICommunicator(Communicator):
         self.watchdog = watchdog
         self.nccl = nccl  # a parallel.nccl.NcclCommunicator for GPU buffers, or None
         self._mpi_ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        # Large sums may go round distprop's ring (parallel.ring): all ranks or none.
+        self.ring = bool(self.mpi_comm.allreduce(int(ring_allowed()), op=MPI.MIN))
 
     def allreduce_(self, array, op="sum"):
         _check_op(op, array)
@@ -158,7 +160,7 @@ class MPICommunicator(Communicator):
             raise ValueError("allreduce_ needs a C-contiguous array (a reduction into a copy would be lost)")
         mpi_op = mpi_bf16_sum_op() if op == "bf16_sum" else self._mpi_ops[op]
         with self._guard(f"allreduce({op}, {array.nbytes} bytes)"):
-            if op in ("sum", "mean") and takes_ring(self.size, array):
+            if self.ring and op in ("sum", "mean") and takes_ring(self.size, array):
                 ring_allreduce_(self.mpi_comm, array)
             else:
                 self.mpi_comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)

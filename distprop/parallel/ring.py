@@ -21,15 +21,30 @@ one order, and copied: every rank ends with bitwise the same values.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # Below this many bytes per chunk the ring's 2(p-1) steps cost more in latency than
 # it saves in bandwidth: 256 KiB takes about a TCP message's latency (~25 us) on
 # 100 Gb/s Ethernet, and ten times that on 10 Gb/s.
 MIN_CHUNK_BYTES = 256 * 1024
+# 0 keeps every sum with the MPI library (whose collectives may be offloaded to the
+# network, e.g. SHARP, or tuned for the machine); 1, the default, lets
+# `prefers_ring` choose. Read when a communicator is made, agreed by its ranks.
+VARIABLE = "DISTPROP_ALLREDUCE_RING"
 # Messages of the ring, apart from any other point-to-point traffic on the
 # communicator; below 32767, the least upper bound on tags that MPI guarantees.
 TAG = 29_269
+
+
+def ring_allowed() -> bool:
+    """This process's $DISTPROP_ALLREDUCE_RING (see VARIABLE)."""
+    text = os.environ.get(VARIABLE, "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"${VARIABLE} must be 1 (distprop's ring where it pays, the default) or 0 (MPI's "
+                         f"allreduce only), got {text!r}")
+    return text != "0"
 
 
 def prefers_ring(size: int, nbytes: int) -> bool:
@@ -70,9 +85,10 @@ def ring_allreduce_(comm, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def sum_in_place(comm, array: np.ndarray, MPI) -> None:
-    """Sum `array` over `comm` in place, by the ring or by MPI_Allreduce (`takes_ring`)."""
-    if takes_ring(comm.Get_size(), array):
+def sum_in_place(comm, array: np.ndarray, MPI, ring: bool = True) -> None:
+    """Sum `array` over `comm` in place, by the ring (where `ring` and `takes_ring`) or
+    by MPI_Allreduce."""
+    if ring and takes_ring(comm.Get_size(), array):
         ring_allreduce_(comm, array)
     else:
         comm.Allreduce(MPI.IN_PLACE, array)  # MPI_SUM, the default

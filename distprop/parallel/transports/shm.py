@@ -137,7 +137,7 @@ class ShmTransport(BlockingTransport):
             if summed:  # the node's sum of my chunk, then its sum over the nodes
                 for other in others:
                     mine += other
-                sum_in_place(self.cross, mine, self.MPI)
+                sum_in_place(self.cross, mine, self.MPI, self.comm.ring)
             scale = mine.dtype.type(1.0 / self.comm.size)
             for block in _blocks(hi - lo):  # each block summed, scaled and copied out while in cache
                 part = mine[block]
