@@ -86,8 +86,9 @@ def shm_fabric(calibration: dict) -> Fabric:
 
     Between the nodes the allreduce is distprop's (`allreduce.mpi_ring`): MPI's own
     (recursive halving and doubling, Rabenseifner's; Thakur, Rabenseifner & Gropp
-    2005) on 2 ranks, where it costs what a ring costs, and distprop's ring on 3,
-    where the library's choice would fold a rank in and out with the whole bucket.
+    2005) on 2 ranks, where it costs what a ring costs, and distprop's ring for large
+    buckets on 3, where the library's choice would fold a rank in and out with the
+    whole bucket.
     """
     ranks, per_node = calibration["ranks"], calibration["ranks_per_node"]
     fits = calibration["transports"]
