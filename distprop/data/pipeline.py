@@ -137,9 +137,9 @@ class BatchProducer:
         # Packed: a block read whole keeps a copy of its head for a batch that needs only
         # the head later (in a shuffled order, about half of them), which then reads
         # nothing; a head costs a tenth of a whole read. A few KB each, bounded.
-        later_heads = {block for block, head in zip(schedule.entry_block, schedule.entry_head) if head}
+        headed_blocks = {block for block, head in zip(schedule.entry_block, schedule.entry_head) if head}
         kept_heads, most_kept = {}, 0
-        if later_heads:
+        if headed_blocks:
             most_kept = max(1, KEPT_HEAD_BYTES // (spec.tokens.sequence_length * spec.outputs["input_ids"][0].itemsize))
 
         def read(block: int, head: bool) -> dict:
@@ -153,7 +153,7 @@ class BatchProducer:
                 kept = kept_heads.pop(block, None)
                 return kept if kept is not None else prepare_head(spec, current, block)
             prepared = current.read(block)
-            if block in later_heads and len(kept_heads) < most_kept:
+            if block in headed_blocks and len(kept_heads) < most_kept:
                 column = spec.tokens.column
                 kept_heads[block] = {column: prepared[column].head(spec.tokens.sequence_length)}
             return prepared

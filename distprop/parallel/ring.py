@@ -4,8 +4,9 @@ MPI libraries choose an allreduce algorithm by message size and rank count. For
 large messages on a rank count that is not a power of two, Open MPI (as measured
 below) and MPICH (Thakur, Rabenseifner & Gropp 2005) use recursive halving and
 doubling: the ranks beyond the largest power of two p' first hand their whole
-buffer to a partner and get the result back at the end, so the busiest links carry 2 + 2(p'-1)/p' buffers where a ring carries 2(p-1)/p (on 3
-ranks 3.0 against 1.33). Measured between 3 hosts over TCP (network namespaces,
+buffer to a partner and get the result back at the end, so the busiest links
+carry 2 + 2(p'-1)/p' buffers where a ring carries 2(p-1)/p (on 3 ranks 3.0
+against 1.33). Measured between 3 hosts over TCP (network namespaces,
 links shaped to 1 Gb/s), a 7.45 MB allreduce took 273 ms through Open MPI's choice
 and 103 ms as this ring (1.86 MB: 64 and 34 ms; at 10 Gb/s, 7.45 MB: 55 and 33 ms);
 on 2 hosts the two took the same time. On a power of two the library's choice has
