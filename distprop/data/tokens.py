@@ -303,15 +303,15 @@ class PackedAssembler:
             window = self._spanning(int(starts[row]), block, touched[block], head_of, touched)
             out["input_ids"][row], out["labels"][row] = window[:-1], window[1:]
         # The compiled kernel wrote the other windows' document ids and positions.
-        rows = [row for row, _ in spanning] if compiled is not None else slice(0, len(samples))
+        unwritten = [row for row, _ in spanning] if compiled is not None else slice(0, len(samples))
         wanted = [name for name in ("document_ids", "positions") if name in out]
         if wanted and (compiled is None or spanning):
             # Blocks in dataset order hold T in order, so their starts concatenate sorted
             # (a head's are the first of its block's).
             boundaries = np.concatenate([touched[b].starts[:-1] + layout.token_starts[b] for b in sorted(touched)])
-            documents = self._documents(starts[rows], boundaries)
+            documents = self._documents(starts[unwritten], boundaries)
             for name in wanted:
-                out[name][rows] = documents[name]
+                out[name][unwritten] = documents[name]
 
     def _spanning(self, start: int, block: int, tokens: TokenBlock, head_of, touched: dict) -> np.ndarray:
         """The window at `start` (in T), which starts in `block` (`tokens`) and runs on into
