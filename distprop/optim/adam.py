@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from distprop.backend import get_array_module
-from distprop.optim.optimizer import Optimizer
+from distprop.optim.optimizer import Optimizer, one_pass
 
 
 class Adam(Optimizer):
@@ -17,6 +17,8 @@ class Adam(Optimizer):
         v <- beta2 * v + (1 - beta2) * g^2          (AMSGrad: v_max <- max(v_max, v), used below)
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     State per parameter: 'step' (int), 'exp_avg', 'exp_avg_sq' (and 'max_exp_avg_sq').
+    On the CPU, where numba is installed, each large parameter's update is one
+    compiled pass with the same arithmetic (see `distprop.optim.update_kernels`).
     """
 
     decoupled_weight_decay = False
@@ -42,6 +44,27 @@ class Adam(Optimizer):
         self.state[index] = state
         return state
 
+    def _update_in_one_pass(self, data, grad, state: dict, group: dict) -> bool:
+        """Update `data` with the compiled kernel where it applies (see `one_pass`), with
+        the scalars `step` computes, in the same order; whether it did."""
+        largest = None
+        if group["amsgrad"]:
+            largest = state.get("max_exp_avg_sq")
+            if largest is None:
+                return False
+        found = one_pass(data, grad, state["exp_avg"], state["exp_avg_sq"], largest)
+        if found is None:
+            return False
+        kernels, views = found
+        lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        step, scalar = state["step"], data.dtype.type
+        decoupled = self.decoupled_weight_decay
+        kernels.adam_update(*views, scalar(1 - lr * weight_decay if decoupled else 1),
+                             scalar(0 if decoupled else weight_decay), scalar(beta1), scalar(1 - beta1),
+                             scalar(beta2), scalar(1 - beta2), scalar(math.sqrt(1 - beta2 ** step)),
+                             scalar(group["eps"]), scalar(lr / (1 - beta1 ** step)))
+        return True
+
     def step(self, closure=None):
         loss = self._evaluate(closure)
         for group, indexed in self._indexed_groups():
@@ -56,6 +79,8 @@ class Adam(Optimizer):
                 state = self.state.get(index) or self._init_state(index, data, amsgrad)
                 state["step"] += 1
                 step = state["step"]
+                if self._update_in_one_pass(data, grad, state, group):
+                    continue
                 if weight_decay != 0:
                     if self.decoupled_weight_decay:
                         data *= 1 - lr * weight_decay

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -153,3 +154,36 @@ def _state_value(name: str, value, param: Tensor, index: int):
     array = to_device(array, device_of(param.data))
     dtype = param.dtype if array.dtype.kind == "f" else array.dtype
     return array.astype(dtype, copy=True)
+
+
+
+# Smaller parameters are left to numpy: their arrays stay in cache between its passes,
+# and importing numba (about half a second) would cost more than the kernels save.
+ONE_PASS_MIN_ELEMENTS = 1 << 15
+
+
+@functools.cache
+def compiled_kernels():
+    """`distprop.optim.update_kernels`, or None where numba is not installed."""
+    try:
+        from distprop.optim import update_kernels
+    except ImportError:
+        return None
+    return update_kernels
+
+
+def one_pass(data, *others):
+    """``(kernels, views)`` for updating parameter `data` in one compiled pass:
+    `distprop.optim.update_kernels` and `data` and `others` as 1-D views (None: an
+    empty array); or None where the numpy path is taken: small parameters, arrays on
+    the GPU, dtypes other than float32 and float64, arrays of another dtype or shape
+    than `data` or not contiguous (whose flattened copies would not be written back),
+    or no numba."""
+    arrays = [data] + [a for a in others if a is not None]
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == data.dtype and a.shape == data.shape
+               for a in arrays) or data.dtype not in (np.float32, np.float64) or data.size < ONE_PASS_MIN_ELEMENTS:
+        return None
+    kernels = compiled_kernels()
+    if kernels is None:
+        return None
+    return kernels, [data.reshape(-1)] + [data[:0].reshape(-1) if a is None else a.reshape(-1) for a in others]

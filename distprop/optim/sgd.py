@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from distprop.optim.optimizer import Optimizer
+import numpy as np
+
+from distprop.optim.optimizer import Optimizer, one_pass
 
 
 class SGD(Optimizer):
@@ -13,7 +15,9 @@ class SGD(Optimizer):
         b <- g on the first step, else momentum * b + (1 - dampening) * g
         g <- g + momentum * b  (nesterov)  or  b  (otherwise)
         p <- p - lr * g
-    `p.grad` itself is never modified.
+    `p.grad` itself is never modified. On the CPU, where numba is installed, each
+    large parameter's update is one compiled pass with the same arithmetic (see
+    `distprop.optim.update_kernels`).
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -38,10 +42,12 @@ class SGD(Optimizer):
                 grad = param.grad
                 if grad is None:
                     continue
+                state = self.state.setdefault(index, {}) if momentum != 0 else None
+                if _update_in_one_pass(param.data, grad, state, group):
+                    continue
                 if weight_decay != 0:
                     grad = grad + weight_decay * param.data  # a new array: p.grad stays as it is
                 if momentum != 0:
-                    state = self.state.setdefault(index, {})
                     buffer = state.get("momentum_buffer")
                     if buffer is None:
                         buffer = state["momentum_buffer"] = grad.copy()
@@ -51,3 +57,20 @@ class SGD(Optimizer):
                     grad = grad + momentum * buffer if nesterov else buffer
                 param.data -= lr * grad
         return loss
+
+
+def _update_in_one_pass(data, grad, state: dict | None, group: dict) -> bool:
+    """Update `data` with the compiled kernel where it applies (see `one_pass`); whether it did."""
+    buffer = None if state is None else state.get("momentum_buffer")
+    found = one_pass(data, grad, buffer)
+    if found is None:
+        return False
+    kernels, (data_view, grad_view, buffer_view) = found
+    first = state is not None and buffer is None
+    if first:
+        state["momentum_buffer"] = np.empty_like(data)
+        buffer_view = state["momentum_buffer"].reshape(-1)
+    scalar = data.dtype.type
+    kernels.sgd_update(data_view, grad_view, buffer_view, scalar(group["lr"]), scalar(group["momentum"]),
+                       scalar(1 - group["dampening"]), scalar(group["weight_decay"]), group["nesterov"], first)
+    return True
