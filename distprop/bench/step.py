@@ -91,6 +91,35 @@ def step_functions(name: str, device: str):
     return ours_step, twin_step, ours
 
 
+def optimizer_updates(name: str, device: str):
+    """``{optimizer: (ours, torch's)}``: one update of the model's parameters from fixed
+    gradients, SGD with momentum and Adam, without the forward and backward."""
+    import torch
+
+    from distprop import backend, optim
+
+    ours, twin = build(name, device)
+    rng = np.random.default_rng(0)
+    params, twin_params = list(ours.parameters()), list(twin.parameters())
+    for param, twin_param in zip(params, twin_params):
+        grad = rng.standard_normal(param.shape).astype(np.float32)
+        param.grad = backend.to_device(grad, device)
+        twin_param.grad = torch.from_numpy(grad).to(twin_param.device)
+    pairs = {"SGD momentum": (optim.SGD(params, lr=0.01, momentum=0.9),
+                              torch.optim.SGD(twin_params, lr=0.01, momentum=0.9)),
+             "Adam": (optim.Adam(params, lr=1e-3), torch.optim.Adam(twin_params, lr=1e-3))}
+
+    def timed(step, synchronize):
+        def update():
+            step()
+            synchronize()
+        return update
+
+    ours_sync = backend.synchronize if device == "gpu" else (lambda: None)
+    twin_sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+    return {label: (timed(a.step, ours_sync), timed(b.step, twin_sync)) for label, (a, b) in pairs.items()}
+
+
 def mlp_step_flops(model, batch: int) -> float:
     """Matrix-multiply FLOPs of one MLP step: 2*B*in*out per Linear forward, the same
     for each weight gradient, and for each input gradient but the first layer's."""
@@ -144,4 +173,8 @@ def run(args) -> int:
                     achieved = mlp_step_flops(model, batch) / times["ours"]
                     print(f"{'':8} sgemm {gemm / 1e9:.0f} GFLOP/s measured; the MLP step reaches "
                           f"{achieved / 1e9:.0f} GFLOP/s = {achieved / gemm:.0%} of it")
+                    for label, (ours_update, twin_update) in optimizer_updates(name, args.device).items():
+                        update = interleaved({"ours": ours_update, "torch": twin_update}, rounds=args.rounds)
+                        print(f"{'':8} {label} update alone: {update['ours'] * 1e3:.2f} ms, torch "
+                              f"{update['torch'] * 1e3:.2f} ms ({update['ours'] / update['torch']:.2f}x)")
     return 0
