@@ -156,7 +156,6 @@ def _state_value(name: str, value, param: Tensor, index: int):
     return array.astype(dtype, copy=True)
 
 
-
 # Smaller parameters are left to numpy: their arrays stay in cache between its passes,
 # and importing numba (about half a second) would cost more than the kernels save.
 ONE_PASS_MIN_ELEMENTS = 1 << 15

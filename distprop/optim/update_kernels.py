@@ -4,12 +4,12 @@ update in one pass over its memory.
 numpy spells an update as several whole-array passes (SGD with momentum: scale the
 buffer, add the gradient, scale by the learning rate into a temporary, subtract;
 Adam about a dozen), each streaming the parameter-sized arrays through memory
-again: for the few MB of an MLP's weights, most of the step's time outside the
-matrix products. Each kernel does the same operations in the same order and
-precision (scalars in the parameter's dtype, no fused multiply-add), so its results
-are bit for bit those of the numpy path, which the tests hold. Imported only where
-numba is installed; compiled code is cached on disk beside this file or in numba's
-cache directory.
+again: for the few MB of an MLP's weights, the largest part of the step's time
+outside the matrix products. Each kernel does the same operations in the same
+order and precision (scalars in the parameter's dtype, no fused multiply-add), so
+its results are bit for bit those of the numpy path, which the tests hold.
+Imported only where numba is installed; compiled code is cached on disk beside
+this file or in numba's cache directory.
 """
 
 from __future__ import annotations
