@@ -108,3 +108,11 @@ def test_small_parameters_go_the_numpy_way(monkeypatch):
         sizes.append(param.size), _f(param, *rest)))
     _trajectory("SGD", dict(lr=0.1, momentum=0.9), np.float32, steps=1)
     assert sizes == [33 * 17]
+
+
+def test_a_read_only_parameter_gets_numpys_error(monkeypatch):
+    param = nn.Parameter(np.ones((4, 4), np.float32))
+    param.data.flags.writeable = False
+    param.grad = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="read-only"):
+        optim.SGD([param], lr=0.1, momentum=0.9).step()

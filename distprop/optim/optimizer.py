@@ -176,11 +176,12 @@ def one_pass(data, *others):
     `distprop.optim.update_kernels` and `data` and `others` as 1-D views (None: an
     empty array); or None where the numpy path is taken: small parameters, arrays on
     the GPU, dtypes other than float32 and float64, arrays of another dtype or shape
-    than `data` or not contiguous (whose flattened copies would not be written back),
-    or no numba."""
+    than `data`, not contiguous (whose flattened copies would not be written back) or
+    read-only (numpy's path says so in its words), or no numba."""
     arrays = [data] + [a for a in others if a is not None]
-    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == data.dtype and a.shape == data.shape
-               for a in arrays) or data.dtype not in (np.float32, np.float64) or data.size < ONE_PASS_MIN_ELEMENTS:
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable and a.dtype == data.dtype
+               and a.shape == data.shape for a in arrays) \
+            or data.dtype not in (np.float32, np.float64) or data.size < ONE_PASS_MIN_ELEMENTS:
         return None
     kernels = compiled_kernels()
     if kernels is None:
