@@ -19,7 +19,7 @@ import numpy as np
 
 from distprop.backend import get_array_module, is_gpu_array, to_device
 from distprop.parallel.compression import mpi_bf16_sum_op
-from distprop.parallel.ring import ring_allowed, ring_allreduce_, takes_ring
+from distprop.parallel.ring import ring_allowed, sum_in_place
 
 # "bf16_sum" adds uint16 arrays that hold bfloat16 bits (see parallel.compression).
 ABORT_GRACE_SECONDS = 1.0
@@ -160,8 +160,8 @@ class MPICommunicator(Communicator):
             raise ValueError("allreduce_ needs a C-contiguous array (a reduction into a copy would be lost)")
         mpi_op = mpi_bf16_sum_op() if op == "bf16_sum" else self._mpi_ops[op]
         with self._guard(f"allreduce({op}, {array.nbytes} bytes)"):
-            if self.ring and op in ("sum", "mean") and takes_ring(self.size, array):
-                ring_allreduce_(self.mpi_comm, array)
+            if op in ("sum", "mean"):  # by distprop's ring where it pays (parallel.ring)
+                sum_in_place(self.mpi_comm, array, self.MPI, self.ring)
             else:
                 self.mpi_comm.Allreduce(self.MPI.IN_PLACE, array, op=mpi_op)
         if op == "mean":
